@@ -1,0 +1,1 @@
+"""jaxagent: reinforcement learning for multi-turn LLM agents in JAX."""

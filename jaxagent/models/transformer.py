@@ -1,0 +1,366 @@
+"""The decoder: one Flax module for Qwen2/2.5, Llama 2/3/3.x and Qwen3, stacked with `nn.scan` over layers.
+
+Parameters are a plain pytree (`{"params": ...}` for the base model, `{"lora": ...}` for adapters) and the forward is
+a pure function of them. Every parameter is created with logical axis names (embed, heads, kv_heads, head_dim, mlp,
+vocab, layers, lora_rank) that `param_axes` returns, so a mesh can be mapped onto them without touching this file.
+
+Shapes in names: B batch, T new tokens, S cache slots, D hidden, H query heads, K kv heads, G = H / K, Dh head dim,
+F mlp width, V vocab, L layers.
+
+Masking is by segment ids: token t may attend to key s when both carry the same non-zero segment id and s is not
+after t. Left padding is segment 0; packed sequences are segments 1, 2, ...; an HF attention_mask (0/1) is a valid
+segment-id array. With a KV cache, keys are the cache slots and the new tokens are written at each row's `end`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxagent.models.config import ModelConfig, rope_inverse_frequencies
+from jaxagent.models.lora import LoraConfig
+
+_MASKED = -1e30  # added to masked attention logits (f32); fully masked rows become uniform, never NaN
+_INIT_STD = 0.02  # HF's initializer_range for these families
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values for all layers, with per-slot segment ids and each row's fill level."""
+
+    k_LxBxSxKxDh: jax.Array
+    v_LxBxSxKxDh: jax.Array
+    segment_ids_BxS: jax.Array  # 0 = empty or padding slot
+    end_B: jax.Array  # next slot to write in each row
+
+
+class DecoderOutput(NamedTuple):
+    """Logits (float32) of every new token, the final hidden states, and the updated cache (None without one)."""
+
+    logits_BxTxV: jax.Array
+    hidden_BxTxD: jax.Array
+    cache: KVCache | None
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache of `max_len` slots per row, in the compute dtype unless `dtype` is given."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+def _param(module: nn.Module, name: str, init: Any, shape: tuple[int, ...], axes: tuple[str, ...],
+           dtype: Any) -> jax.Array:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32, scaled by a learned weight in the input's dtype (as HF does)."""
+
+    eps: float
+    axis_name: str
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Projection(nn.Module):
+    """A linear map contracting the last `len(in_axes)` dims, with an optional bias and LoRA adapter."""
+
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+    lora: LoraConfig | None = None  # set only when this projection is a LoRA target
+    use_lora: bool = True
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_axes)
+        in_shape = x.shape[-n_in:]
+        kernel = _param(self, "kernel", nn.initializers.normal(_INIT_STD), (*in_shape, *self.out_shape),
+                        (*self.in_axes, *self.out_axes), self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.lora is not None:
+            y = y + self._adapter(x, in_shape, contract)
+        return y
+
+    def _adapter(self, x: jax.Array, in_shape: tuple[int, ...], contract: Any) -> jax.Array:
+        rank = self.lora.rank
+        a_init = nn.with_logical_partitioning(_kaiming_uniform, (*self.in_axes, "lora_rank"))
+        b_init = nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", *self.out_axes))
+        # Lambdas: the rng is drawn only when the variable is created (init), never at apply time.
+        a = self.variable("lora", "a", lambda: a_init(self.make_rng("lora"), (*in_shape, rank), self.param_dtype))
+        b = self.variable("lora", "b", lambda: b_init(None, (rank, *self.out_shape), self.param_dtype))
+        if not self.use_lora:
+            return jnp.zeros((), self.dtype)
+        x_in = nn.Dropout(self.lora.dropout, deterministic=self.deterministic)(x).astype(self.dtype)
+        down = jax.lax.dot_general(x_in, nn.unbox(a.value).astype(self.dtype), (contract, ((), ())))
+        up = jax.lax.dot_general(down, nn.unbox(b.value).astype(self.dtype), (((down.ndim - 1,), (0,)), ((), ())))
+        return (self.lora.scale * up).astype(self.dtype)
+
+
+def _kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) over A's input dims (as PEFT initialises LoRA's A)."""
+    fan_in = 1
+    for d in shape[:-1]:
+        fan_in *= d
+    bound = fan_in ** -0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def rotary_tables(positions_BxT: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, Dh] for the given positions, computed in float32, cast to the compute dtype."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(config.rope, config.head_dim))
+    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles).astype(config.dtype), jnp.sin(angles).astype(config.dtype)
+
+
+def apply_rotary(x_BxTxNxDh: jax.Array, cos_BxTxDh: jax.Array, sin_BxTxDh: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + Dh/2) of every head by the position's angles (the 'rotate_half' layout of HF)."""
+    half = x_BxTxNxDh.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxDh[..., half:], x_BxTxNxDh[..., :half]], axis=-1)
+    return x_BxTxNxDh * cos_BxTxDh[:, :, None, :] + rotated * sin_BxTxDh[:, :, None, :]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings, optional q/k norm, and an optional cache write."""
+
+    config: ModelConfig
+    lora: LoraConfig | None
+    use_lora: bool
+    deterministic: bool
+
+    def _proj(self, name: str, out_shape: tuple[int, ...], in_axes: tuple[str, ...], out_axes: tuple[str, ...],
+              use_bias: bool) -> Projection:
+        c = self.config
+        lora = self.lora if self.lora is not None and name in self.lora.targets else None
+        return Projection(out_shape, in_axes, out_axes, use_bias, c.dtype, c.param_dtype, lora, self.use_lora,
+                          self.deterministic, name=name)
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BxTxS: jax.Array,
+                 cache_kv: tuple[jax.Array, jax.Array] | None, write_start_B: jax.Array | None):
+        c = self.config
+        q = self._proj("q", (c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), c.qkv_bias)(x_BxTxD)
+        k = self._proj("k", (c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias)(x_BxTxD)
+        v = self._proj("v", (c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias)(x_BxTxD)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, "head_dim", c.param_dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, "head_dim", c.param_dtype, name="k_norm")(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        new_cache_kv = None
+        if cache_kv is not None:
+            k_cache, v_cache = cache_kv
+            write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(buf, new, (start, 0, 0)))
+            k = write(k_cache, k.astype(k_cache.dtype), write_start_B)
+            v = write(v_cache, v.astype(v_cache.dtype), write_start_B)
+            new_cache_kv = (k, v)
+
+        batch, steps = q.shape[:2]
+        groups = c.num_heads // c.num_kv_heads
+        q_BxTxKxGxDh = q.reshape(batch, steps, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k.astype(c.dtype),
+                            preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
+        scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(c.dtype))
+        out_BxTxHxDh = out.reshape(batch, steps, c.num_heads, c.head_dim)
+        y = self._proj("o", (c.hidden_size,), ("heads", "head_dim"), ("embed",), c.o_bias)(out_BxTxHxDh)
+        return y, new_cache_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+    lora: LoraConfig | None
+    use_lora: bool
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        c = self.config
+
+        def proj(name: str, width: int, in_axis: str, out_axis: str) -> Projection:
+            lora = self.lora if self.lora is not None and name in self.lora.targets else None
+            return Projection((width,), (in_axis,), (out_axis,), c.mlp_bias, c.dtype, c.param_dtype, lora,
+                              self.use_lora, self.deterministic, name=name)
+
+        gate = proj("gate", c.intermediate_size, "embed", "mlp")(x_BxTxD)
+        up = proj("up", c.intermediate_size, "embed", "mlp")(x_BxTxD)
+        return proj("down", c.hidden_size, "mlp", "embed")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Scanned: (carry, per-layer cache) -> same."""
+
+    config: ModelConfig
+    lora: LoraConfig | None
+    use_lora: bool
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, cache_kv: Any, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 write_start_B: jax.Array | None):
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="input_norm")(x_BxTxD)
+        attn_out, new_cache_kv = Attention(c, self.lora, self.use_lora, self.deterministic, name="attn")(
+            h, cos, sin, mask, cache_kv, write_start_B)
+        x_BxTxD = x_BxTxD + attn_out
+        h = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="post_attn_norm")(x_BxTxD)
+        x_BxTxD = x_BxTxD + MLP(c, self.lora, self.use_lora, self.deterministic, name="mlp")(h)
+        return x_BxTxD, new_cache_kv
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nn.Module):
+    """The whole model: embed -> L scanned layers -> final norm -> logits (float32)."""
+
+    config: ModelConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
+                 cache: KVCache | None = None, use_lora: bool = True, deterministic: bool = True) -> DecoderOutput:
+        c = self.config
+        embedding = _param(self, "embedding", nn.initializers.normal(_INIT_STD), (c.vocab_size, c.hidden_size),
+                           ("vocab", "embed"), c.param_dtype)
+        x = jnp.take(embedding, tokens_BxT, axis=0).astype(c.dtype)
+        cos, sin = rotary_tables(positions_BxT, c)
+        mask, write_start, new_segments, new_end = _attention_mask(segment_ids_BxT, cache)
+
+        layer_cls = DecoderLayer
+        if c.remat != "none":
+            layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        scanned = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "lora": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        layers = scanned(c, self.lora, use_lora, deterministic, name="layers")
+        cache_kv = None if cache is None else (cache.k_LxBxSxKxDh, cache.v_LxBxSxKxDh)
+        x, new_kv = layers(x, cache_kv, cos, sin, mask, write_start)
+
+        x = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="final_norm")(x)
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(c.dtype), preferred_element_type=jnp.float32)
+        else:
+            head = _param(self, "lm_head", nn.initializers.normal(_INIT_STD), (c.hidden_size, c.vocab_size),
+                          ("embed", "vocab"), c.param_dtype)
+            logits = jnp.einsum("btd,dv->btv", x, head.astype(c.dtype), preferred_element_type=jnp.float32)
+        new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], new_segments, new_end)
+        return DecoderOutput(logits.astype(jnp.float32), x, new_cache)
+
+
+def _attention_mask(segment_ids_BxT: jax.Array, cache: KVCache | None):
+    """Boolean mask [B, T, keys] plus, with a cache, where to write and the cache's new segments and ends."""
+    steps = segment_ids_BxT.shape[1]
+    if cache is None:
+        seg_q, seg_k = segment_ids_BxT, segment_ids_BxT
+        slot_q = jnp.arange(steps)[None, :]
+        slot_k = jnp.arange(steps)[None, :]
+        write_start, new_segments, new_end = None, None, None
+    else:
+        write_start = cache.end_B
+        write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(buf, new, (start,)))
+        new_segments = write(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), write_start)
+        slot_q = write_start[:, None] + jnp.arange(steps)[None, :]
+        # The row's end moves past its last real (non-zero segment) token, so right padding of a chunk is
+        # overwritten by the next write while left padding stays behind as empty slots.
+        has_token = segment_ids_BxT != 0
+        last_real = jnp.max(jnp.where(has_token, slot_q + 1, 0), axis=1)
+        new_end = jnp.where(jnp.any(has_token, axis=1), last_real, cache.end_B).astype(jnp.int32)
+        seg_q, seg_k = segment_ids_BxT, new_segments
+        slot_k = jnp.arange(new_segments.shape[1])[None, :]
+    same_segment = seg_q[:, :, None] == seg_k[:, None, :]
+    causal = slot_k[:, None, :] <= slot_q[:, :, None]
+    mask = same_segment & causal & (seg_k[:, None, :] != 0)
+    return mask, write_start, new_segments, new_end
+
+
+# ---- functional API: plain pytrees in, arrays out ----------------------------------------------------------------
+
+
+def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Position of every token within its segment (0 at each segment start; 0 on padding)."""
+    steps = segment_ids_BxT.shape[1]
+    index = jnp.broadcast_to(jnp.arange(steps), segment_ids_BxT.shape)
+    previous = jnp.pad(segment_ids_BxT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    starts = jnp.where(segment_ids_BxT != previous, index, 0)
+    positions = index - jax.lax.cummax(starts, axis=1)
+    return jnp.where(segment_ids_BxT != 0, positions, 0).astype(jnp.int32)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, lora: LoraConfig | None = None) -> tuple[dict, dict]:
+    """Random parameters (HF's init: normal(0.02), norms 1, biases 0) and LoRA adapters ({} without LoRA)."""
+    variables = _init_variables(config, rng, lora)
+    variables = nn.unbox(variables)
+    return variables["params"], variables.get("lora", {})
+
+
+def param_axes(config: ModelConfig, lora: LoraConfig | None = None) -> tuple[dict, dict]:
+    """Logical axis names of every parameter and adapter leaf, as `jax.sharding.PartitionSpec`s of names."""
+    abstract = jax.eval_shape(lambda key: _init_variables(config, key, lora), jax.random.key(0))
+    specs = nn.get_partition_spec(abstract)
+    return specs["params"], specs.get("lora", {})
+
+
+def abstract_params(config: ModelConfig, lora: LoraConfig | None = None) -> tuple[dict, dict]:
+    """Shapes and dtypes of the parameters and adapters (`jax.ShapeDtypeStruct`s), without allocating them."""
+    abstract = nn.unbox(jax.eval_shape(lambda key: _init_variables(config, key, lora), jax.random.key(0)))
+    return abstract["params"], abstract.get("lora", {})
+
+
+def _init_variables(config: ModelConfig, rng: jax.Array, lora: LoraConfig | None) -> dict:
+    params_rng, lora_rng = jax.random.split(rng)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(config, lora).init({"params": params_rng, "lora": lora_rng}, tokens, tokens, tokens + 1)
+
+
+def forward(params: dict, config: ModelConfig, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+            segment_ids_BxT: jax.Array | None = None, cache: KVCache | None = None,
+            lora_params: dict | None = None, lora: LoraConfig | None = None, dropout_rng: jax.Array | None = None
+            ) -> DecoderOutput:
+    """Run the decoder. Without segment ids every token is real; without positions they follow the segments.
+
+    With `lora_params` and `lora` the adapters are applied (dropout only when `dropout_rng` is given); without them
+    the base model runs, which is also the reference policy of a LoRA run.
+    """
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    if positions_BxT is None:
+        positions_BxT = positions_from_segments(segment_ids_BxT)
+    use_lora = bool(lora_params) and lora is not None
+    variables = {"params": params}
+    if use_lora:
+        variables["lora"] = lora_params
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    model = Decoder(config, lora if use_lora else None)
+    return model.apply(variables, tokens_BxT, positions_BxT, segment_ids_BxT, cache, use_lora=use_lora,
+                       deterministic=dropout_rng is None, rngs=rngs)
