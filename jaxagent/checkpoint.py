@@ -1,0 +1,103 @@
+"""Policy checkpoints: parameters (and LoRA adapters) in orbax, beside the HF config and tokenizer they belong to.
+
+Layout of a policy folder:
+
+    jaxagent.json   format version, parameter dtype, LoRA settings (or null)
+    model/          config.json and tokenizer files (Hugging Face format)
+    params/         orbax checkpoint of the base parameters
+    lora/           orbax checkpoint of the adapters (only with LoRA)
+
+A folder is written under a temporary name and renamed when complete, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxagent.models.config import ModelConfig, dtype_name
+from jaxagent.models.hf import CheckpointError, copy_tokenizer_files
+from jaxagent.models.lora import LoraConfig
+from jaxagent.models.transformer import abstract_params
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "jaxagent.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Everything needed to run or export a policy."""
+
+    config: ModelConfig
+    params: dict
+    lora: LoraConfig | None = None
+    lora_params: dict | None = None
+    tokenizer_dir: Path | None = None
+
+
+def is_policy_folder(folder: Path) -> bool:
+    """True when `folder` holds a jaxagent policy checkpoint."""
+    return (Path(folder) / META_FILE).is_file()
+
+
+def save_policy(folder: str | Path, policy: Policy) -> Path:
+    """Write `policy` to `folder` (which must not exist, or be empty); atomic by rename."""
+    folder = Path(folder).absolute()
+    if folder.exists() and any(folder.iterdir()):
+        raise CheckpointError(f"{folder}: exists and is not empty; choose a new checkpoint folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        model_dir = staging / "model"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps(policy.config.to_hf_dict(), indent=2) + "\n")
+        if policy.tokenizer_dir is not None:
+            copy_tokenizer_files(Path(policy.tokenizer_dir), model_dir)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staging / "params", policy.params)
+        if policy.lora is not None:
+            checkpointer.save(staging / "lora", policy.lora_params)
+        checkpointer.wait_until_finished()
+        meta = {"format": FORMAT_VERSION, "param_dtype": dtype_name(policy.config.param_dtype),
+                "lora": dataclasses.asdict(policy.lora) if policy.lora is not None else None}
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if folder.exists():
+            folder.rmdir()
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_policy(folder: str | Path, shardings: Any = None, **config_overrides: Any) -> Policy:
+    """Read a policy folder written by `save_policy`; `config_overrides` such as `dtype="bf16"` adjust compute."""
+    folder = Path(folder).absolute()
+    meta_file = folder / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{folder}: no {META_FILE}; expected a jaxagent policy checkpoint")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: format {meta.get('format')!r}; this jaxagent reads {FORMAT_VERSION}")
+    config = ModelConfig.from_hf_dir(folder / "model", param_dtype=meta["param_dtype"], **config_overrides)
+    lora = LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])}) if meta.get("lora") else None
+    abstract, abstract_lora = abstract_params(config, lora)
+    if shardings is not None:
+        abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                                abstract, shardings)
+    checkpointer = ocp.StandardCheckpointer()
+    params = checkpointer.restore(folder / "params", abstract)
+    lora_params = checkpointer.restore(folder / "lora", abstract_lora) if lora is not None else None
+    has_tokenizer = (folder / "model" / "tokenizer_config.json").is_file()
+    return Policy(config, params, lora, lora_params, folder / "model" if has_tokenizer else None)
