@@ -150,6 +150,13 @@ class Conversation:
         self.awaiting_generation = False
         return text
 
+    def finish(self) -> list[int]:
+        """Tokenize template text still pending after the last turn (mask 0), e.g. a newline after end-of-turn."""
+        ids = self.renderer.encode(self.pending) if self.pending else []
+        self.pending = ""
+        self._append(ids, 0)
+        return ids
+
     # ---- internals ---------------------------------------------------------------------------------------------
 
     def _extend(self, message: Message) -> str:
