@@ -20,8 +20,10 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@ $(STAMP_RUN)
 
+# Until the training driver (jaxagent.train) lands, `make run` runs the foundation demo: tokenizer, model,
+# LoRA behaviour cloning, cached greedy decoding, checkpoint, export and re-import.
 run: $(STAMP_RUN)
-	$(PY) -m jaxagent.train $(ARGS)
+	$(PY) -m jaxagent.demo $(ARGS)
 
 test: $(STAMP_TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
