@@ -166,3 +166,13 @@ def test_export_cli_on_truncated_checkpoint_exits_with_one_line(sharded, tmp_pat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model-00001-of-00003.safetensors: truncated" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_stacked_leaves_are_filled_in_place():
+    """Loading writes each layer into a donated buffer: the old buffer is gone, so no second copy is held."""
+    from jaxagent.models.hf import _write_layer
+
+    buffer = jnp.zeros((3, 4, 5))
+    updated = _write_layer(buffer, np.ones((4, 5), np.float32), jnp.int32(1))
+    assert buffer.is_deleted()
+    np.testing.assert_array_equal(np.asarray(updated).sum(axis=(1, 2)), [0, 20, 0])

@@ -249,6 +249,7 @@ def load_hf_params(folder: str | Path, config: ModelConfig | None = None,
             leaf = _leaf_at(abstract, rule.path)
             sharding = shardings(rule.path) if shardings else None
             _set_leaf(params, rule.path, _load_leaf(reader, tensors, rule, leaf, config, sharding))
+            reader.close()  # unmap the files: mapped pages would otherwise count as a second copy in RSS
     finally:
         reader.close()
     log.info("loaded %s (%s, %.1fM parameters) from %s", config.family, np.dtype(config.param_dtype).name,
