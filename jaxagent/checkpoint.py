@@ -15,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxagent.atomic import staged_folder
 from jaxagent.models.config import ModelConfig, dtype_name
 from jaxagent.models.hf import CheckpointError, copy_tokenizer_files
 from jaxagent.models.lora import LoraConfig
@@ -52,13 +50,9 @@ def is_policy_folder(folder: Path) -> bool:
 
 
 def save_policy(folder: str | Path, policy: Policy) -> Path:
-    """Write `policy` to `folder` (which must not exist, or be empty); atomic by rename."""
+    """Write `policy` to `folder` (which must not exist, or be empty); complete or absent (see `jaxagent.atomic`)."""
     folder = Path(folder).absolute()
-    if folder.exists() and any(folder.iterdir()):
-        raise CheckpointError(f"{folder}: exists and is not empty; choose a new checkpoint folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    with staged_folder(folder) as staging:
         model_dir = staging / "model"
         model_dir.mkdir()
         (model_dir / "config.json").write_text(json.dumps(policy.config.to_hf_dict(), indent=2) + "\n")
@@ -72,12 +66,6 @@ def save_policy(folder: str | Path, policy: Policy) -> Path:
         meta = {"format": FORMAT_VERSION, "param_dtype": dtype_name(policy.config.param_dtype),
                 "lora": dataclasses.asdict(policy.lora) if policy.lora is not None else None}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if folder.exists():
-            folder.rmdir()
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 

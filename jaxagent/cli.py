@@ -13,7 +13,7 @@ from jaxagent.tokens import ChatTemplateError, TemplateNotAppendOnly
 
 # Errors whose message already names the bad value and what would be valid.
 USER_ERRORS = (ModelConfigError, CheckpointError, LoraConfigError, ChatTemplateError, TemplateNotAppendOnly,
-               FileNotFoundError, NotADirectoryError, FileExistsError)
+               FileNotFoundError, NotADirectoryError, FileExistsError)  # includes atomic.FolderExistsError
 
 EXIT_USER_ERROR = 2
 

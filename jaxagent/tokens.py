@@ -173,7 +173,8 @@ class Conversation:
         eot = self.renderer.end_of_turn
         cut = text_after_header.rfind(eot)
         if cut < 0:
-            raise TemplateNotAppendOnly(f"the template rendered an assistant turn without {eot!r}: {text_after_header!r}")
+            raise TemplateNotAppendOnly(
+                f"the template rendered an assistant turn without {eot!r}: {text_after_header!r}")
         return text_after_header[:cut], text_after_header[cut + len(eot):]
 
     @staticmethod

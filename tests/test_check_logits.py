@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.numpy import load_file, save_file
+
+from jaxagent import check_logits
 
 from conftest import FAMILIES
-from jaxagent import check_logits
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

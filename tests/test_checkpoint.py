@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import hf_logits
+from jaxagent.atomic import FolderExistsError
 from jaxagent.checkpoint import Policy, load_policy, save_policy
 from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
 from jaxagent.models import LoraConfig, forward, init_params
-from jaxagent.models.hf import CheckpointError, load_hf_params
+from jaxagent.models.hf import load_hf_params
+
+from conftest import hf_logits
 
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
 
@@ -59,7 +61,7 @@ def test_export_of_a_lora_policy_loads_in_transformers_with_equal_logits(policy,
 def test_save_refuses_a_non_empty_folder(policy, tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "keep.txt").write_text("user data")
-    with pytest.raises(CheckpointError, match="exists and is not empty"):
+    with pytest.raises(FolderExistsError, match="exists and is not empty"):
         save_policy(tmp_path / "ckpt", policy)
     assert (tmp_path / "ckpt" / "keep.txt").read_text() == "user data"
 

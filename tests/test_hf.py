@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import VOCAB, hf_logits
 from jaxagent.export import export
 from jaxagent.models import forward
 from jaxagent.models.config import ModelConfigError
 from jaxagent.models.hf import INDEX_FILE, CheckpointError, load_hf_params, save_hf_checkpoint
+
+from conftest import VOCAB, hf_logits
 
 
 def _shard(source: Path, dest: Path, files: int = 3) -> None:

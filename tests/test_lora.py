@@ -9,9 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import VOCAB
 from jaxagent.models import LoraConfig, ModelConfig, forward, init_params, merge_lora
 from jaxagent.models.lora import LoraConfigError
+
+from conftest import VOCAB
 
 CONFIG = ModelConfig(family="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2,
                      num_heads=8, num_kv_heads=2, head_dim=8)

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FAMILIES, VOCAB, hf_logits
 from jaxagent.models import ModelConfig, forward, init_cache, init_params, param_axes, positions_from_segments
 from jaxagent.models.hf import load_hf_params
+
+from conftest import FAMILIES, VOCAB, hf_logits
 
 TINY = ModelConfig(family="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True)

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxagent.atomic import staged_folder
 from jaxagent.models.config import ModelConfig, ModelConfigError
 from jaxagent.models.lora import LoraConfig, lora_delta
 from jaxagent.models.transformer import abstract_params
@@ -324,24 +324,13 @@ def save_hf_checkpoint(out_dir: str | Path, params: dict, config: ModelConfig, l
     Shards of at most `max_shard_bytes` (plus an index when there are several); `config.json`; tokenizer files
     copied from `tokenizer_dir`. Written to a temporary sibling and renamed, so the folder is complete or absent.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointError(f"{out_dir}: exists and is not empty; choose a new output folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         shard_names = _write_shards(staging, hf_tensors(params, config, lora_params, lora), max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(Path(tokenizer_dir), staging)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("exported %d safetensors file(s) to %s", len(shard_names), out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
 def _write_shards(folder: Path, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int) -> list[str]:

@@ -9,11 +9,9 @@ x·W + (alpha / rank) · dropout(x)·A·B with A: in_shape + (rank,) and B: (ran
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
 MLP_TARGETS = ("gate", "up", "down")
@@ -74,8 +72,3 @@ def lora_delta(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...]) -> jax
     a_flat = a.reshape(*layers, -1, a.shape[-1]).astype(jnp.float32)
     b_flat = b.reshape(*layers, b.shape[n_layers], -1).astype(jnp.float32)
     return jnp.matmul(a_flat, b_flat).reshape(kernel_shape)
-
-
-def count_params(tree: Any) -> int:
-    """Number of scalars in a pytree."""
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
