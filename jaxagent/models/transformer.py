@@ -169,10 +169,12 @@ class Attention(nn.Module):
         new_cache_kv = None
         if cache_kv is not None:
             k_cache, v_cache = cache_kv
-            write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(buf, new, (start, 0, 0)))
-            k = write(k_cache, k.astype(k_cache.dtype), write_start_B)
-            v = write(v_cache, v.astype(v_cache.dtype), write_start_B)
+            k = _write_rows(k_cache, k.astype(k_cache.dtype), write_start_B)
+            v = _write_rows(v_cache, v.astype(v_cache.dtype), write_start_B)
             new_cache_kv = (k, v)
+            # Attend over the first mask.shape[-1] slots only: the caller bounds the live context (kv_limit),
+            # so short contexts in a long cache do not pay for the empty slots.
+            k, v = k[:, : mask_BxTxS.shape[-1]], v[:, : mask_BxTxS.shape[-1]]
 
         batch, steps = q.shape[:2]
         groups = c.num_heads // c.num_kv_heads
@@ -244,13 +246,14 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                 cache: KVCache | None = None, use_lora: bool = True, deterministic: bool = True) -> DecoderOutput:
+                 cache: KVCache | None = None, use_lora: bool = True, deterministic: bool = True,
+                 kv_limit: int | None = None, logits_at_BxK: jax.Array | None = None) -> DecoderOutput:
         c = self.config
         embedding = _param(self, "embedding", nn.initializers.normal(_INIT_STD), (c.vocab_size, c.hidden_size),
                            ("vocab", "embed"), c.param_dtype)
         x = jnp.take(embedding, tokens_BxT, axis=0).astype(c.dtype)
         cos, sin = rotary_tables(positions_BxT, c)
-        mask, write_start, new_segments, new_end = _attention_mask(segment_ids_BxT, cache)
+        mask, write_start, new_segments, new_end = _attention_mask(segment_ids_BxT, cache, kv_limit)
 
         layer_cls = DecoderLayer
         if c.remat != "none":
@@ -268,18 +271,32 @@ class Decoder(nn.Module):
         x, new_kv = layers(x, cache_kv, cos, sin, mask, write_start)
 
         x = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="final_norm")(x)
+        # Logits only where asked (e.g. each row's last prompt token): the vocab projection dominates short steps.
+        x_head = x if logits_at_BxK is None else jnp.take_along_axis(x, logits_at_BxK[..., None], axis=1)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(c.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x_head, embedding.astype(c.dtype), preferred_element_type=jnp.float32)
         else:
             head = _param(self, "lm_head", nn.initializers.normal(_INIT_STD), (c.hidden_size, c.vocab_size),
                           ("embed", "vocab"), c.param_dtype)
-            logits = jnp.einsum("btd,dv->btv", x, head.astype(c.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,dv->btv", x_head, head.astype(c.dtype), preferred_element_type=jnp.float32)
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], new_segments, new_end)
         return DecoderOutput(logits.astype(jnp.float32), x, new_cache)
 
 
-def _attention_mask(segment_ids_BxT: jax.Array, cache: KVCache | None):
-    """Boolean mask [B, T, keys] plus, with a cache, where to write and the cache's new segments and ends."""
+def _write_rows(buffer_BxS: jax.Array, new_BxT: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Write each row's T new entries at slots start..start+T-1 of that row; slots past the end are dropped
+    (the padding of a chunk near a full cache), never wrapped or clamped onto real entries."""
+    batch, steps = new_BxT.shape[:2]
+    rows = jnp.arange(batch)[:, None]
+    slots = start_B[:, None] + jnp.arange(steps)[None, :]
+    return buffer_BxS.at[rows, slots].set(new_BxT, mode="drop")
+
+
+def _attention_mask(segment_ids_BxT: jax.Array, cache: KVCache | None, kv_limit: int | None = None):
+    """Boolean mask [B, T, keys] plus, with a cache, where to write and the cache's new segments and ends.
+
+    With a cache the keys are its first `kv_limit` slots (all slots when None).
+    """
     steps = segment_ids_BxT.shape[1]
     if cache is None:
         seg_q, seg_k = segment_ids_BxT, segment_ids_BxT
@@ -288,16 +305,15 @@ def _attention_mask(segment_ids_BxT: jax.Array, cache: KVCache | None):
         write_start, new_segments, new_end = None, None, None
     else:
         write_start = cache.end_B
-        write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(buf, new, (start,)))
-        new_segments = write(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), write_start)
+        new_segments = _write_rows(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), write_start)
         slot_q = write_start[:, None] + jnp.arange(steps)[None, :]
         # The row's end moves past its last real (non-zero segment) token, so right padding of a chunk is
         # overwritten by the next write while left padding stays behind as empty slots.
         has_token = segment_ids_BxT != 0
         last_real = jnp.max(jnp.where(has_token, slot_q + 1, 0), axis=1)
         new_end = jnp.where(jnp.any(has_token, axis=1), last_real, cache.end_B).astype(jnp.int32)
-        seg_q, seg_k = segment_ids_BxT, new_segments
-        slot_k = jnp.arange(new_segments.shape[1])[None, :]
+        seg_q, seg_k = segment_ids_BxT, new_segments[:, :kv_limit]
+        slot_k = jnp.arange(seg_k.shape[1])[None, :]
     same_segment = seg_q[:, :, None] == seg_k[:, None, :]
     causal = slot_k[:, None, :] <= slot_q[:, :, None]
     mask = same_segment & causal & (seg_k[:, None, :] != 0)
@@ -345,12 +361,14 @@ def _init_variables(config: ModelConfig, rng: jax.Array, lora: LoraConfig | None
 
 def forward(params: dict, config: ModelConfig, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
             segment_ids_BxT: jax.Array | None = None, cache: KVCache | None = None,
-            lora_params: dict | None = None, lora: LoraConfig | None = None, dropout_rng: jax.Array | None = None
-            ) -> DecoderOutput:
+            lora_params: dict | None = None, lora: LoraConfig | None = None, dropout_rng: jax.Array | None = None,
+            kv_limit: int | None = None, logits_at_BxK: jax.Array | None = None) -> DecoderOutput:
     """Run the decoder. Without segment ids every token is real; without positions they follow the segments.
 
     With `lora_params` and `lora` the adapters are applied (dropout only when `dropout_rng` is given); without them
-    the base model runs, which is also the reference policy of a LoRA run.
+    the base model runs, which is also the reference policy of a LoRA run. With a cache, `kv_limit` (static) bounds
+    the slots attended to (the caller guarantees every write lands below it); `logits_at_BxK` picks the positions
+    whose logits are computed (all when None).
     """
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
@@ -363,4 +381,4 @@ def forward(params: dict, config: ModelConfig, tokens_BxT: jax.Array, positions_
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     model = Decoder(config, lora if use_lora else None)
     return model.apply(variables, tokens_BxT, positions_BxT, segment_ids_BxT, cache, use_lora=use_lora,
-                       deterministic=dropout_rng is None, rngs=rngs)
+                       deterministic=dropout_rng is None, kv_limit=kv_limit, logits_at_BxK=logits_at_BxK, rngs=rngs)

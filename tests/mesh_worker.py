@@ -1,0 +1,80 @@
+"""Run by test_sharding.py in a subprocess with 8 simulated CPU devices: forward and sampling on several meshes
+must equal the single-device results. Prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxagent.models import forward  # noqa: E402
+from jaxagent.models.hf import load_hf_params  # noqa: E402
+from jaxagent.sampling import Sampler, SamplingParams  # noqa: E402
+from jaxagent.sharding import (  # noqa: E402
+    SAMPLE_RULES,
+    TRAIN_RULES,
+    leaf_sharding_fn,
+    make_mesh,
+    param_shardings,
+    sharding_for,
+)
+
+
+def main(folder: str) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    config, params = load_hf_params(folder)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (4, 16))
+    mask = np.ones_like(ids)
+    mask[1, :6] = 0
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 12, 3, 8)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=10)
+
+    def run(p, mesh=None):
+        logits = forward(p, config, jnp.asarray(ids), segment_ids_BxT=jnp.asarray(mask)).logits_BxTxV
+        sampler = Sampler(config, max_len=64, mesh=mesh)
+        _, g = sampler.generate(sample_params(mesh) if mesh else p, sampler.start(sample_params(mesh) if mesh else p,
+                                                                                   prompts), greedy, jax.random.key(0))
+        _, s = sampler.generate(sample_params(mesh) if mesh else p, sampler.start(sample_params(mesh) if mesh else p,
+                                                                                   prompts), sampled, jax.random.key(1))
+        return np.asarray(logits), g, s
+
+    def sample_params(mesh):
+        shardings, _ = param_shardings(config, mesh, SAMPLE_RULES)
+        return jax.device_put(params, shardings)
+
+    ref_logits, ref_greedy, ref_sampled = run(params)
+    results = {}
+    for name, shape in {"data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}, "fsdp8": {"data": 1, "fsdp": 8,
+                                                                                              "tensor": 1}}.items():
+        mesh = make_mesh(shape)
+        train_shardings, _ = param_shardings(config, mesh, TRAIN_RULES)
+        # Loaded straight into the shardings, not copied onto one device first.
+        _, sharded = load_hf_params(folder, shardings=leaf_sharding_fn(train_shardings))
+        q_kernel = sharded["layers"]["attn"]["q"]["kernel"]
+        batch_sharding = sharding_for(("batch", "length"), ids.shape, mesh, TRAIN_RULES)
+        logits = forward(sharded, config, jax.device_put(jnp.asarray(ids), batch_sharding),
+                         segment_ids_BxT=jax.device_put(jnp.asarray(mask), batch_sharding)).logits_BxTxV
+        _, logits_greedy, logits_sampled = run(sharded, mesh)
+        real = mask.astype(bool)
+        results[name] = {
+            "q_kernel_spec": str(q_kernel.sharding.spec),
+            "q_kernel_devices": len(q_kernel.sharding.device_set),
+            "forward_max_diff": float(np.abs(np.asarray(logits) - ref_logits)[real].max()),
+            "greedy_equal": logits_greedy.tokens == ref_greedy.tokens,
+            "sampled_equal": logits_sampled.tokens == ref_sampled.tokens,
+            "sampled_logprob_max_diff": float(max(np.abs(a - b).max() for a, b in zip(logits_sampled.logprobs,
+                                                                                       ref_sampled.logprobs))),
+        }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

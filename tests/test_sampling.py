@@ -1,0 +1,215 @@
+"""The sampler: token-exact greedy against transformers' generate, exact log-probs, continuation, buckets, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import VOCAB
+from jaxagent.local_tokenizer import train_tokenizer
+from jaxagent.models import ModelConfig, forward, init_params
+from jaxagent.models.hf import load_hf_params
+from jaxagent.sampling import Sampler, SamplingError, SamplingParams, bytes_of_tokens
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
+
+
+def _prompts(seed=0, lengths=(5, 13, 2, 9)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, n).tolist() for n in lengths]
+
+
+def _hf_greedy(folder, prompt, max_new, eos=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0, use_cache=True)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2_untied", "llama3_gqa", "qwen3"])
+def test_greedy_equals_transformers_generate_on_mixed_prompt_lengths(hf_models, family):
+    config, params = load_hf_params(hf_models[family])
+    sampler = Sampler(config, max_len=64)
+    prompts = _prompts()
+    batch, result = sampler.generate(params, sampler.start(params, prompts), GREEDY, jax.random.key(0))
+    for prompt, tokens in zip(prompts, result.tokens):
+        assert tokens == _hf_greedy(hf_models[family], prompt, 12)
+    assert result.stop_reasons == ["max_new_tokens"] * 4
+    np.testing.assert_array_equal(batch.lengths[:4], [len(p) + 12 for p in prompts])
+
+    # Stopping on an end token: pick a token row 0 emits at step 6 and stop there, as HF does with eos_token_id.
+    stop = result.tokens[0][5]
+    params_stop = SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=(stop,))
+    _, stopped = sampler.generate(params, sampler.start(params, prompts), params_stop, jax.random.key(0))
+    for prompt, tokens in zip(prompts, stopped.tokens):
+        reference = _hf_greedy(hf_models[family], prompt, 12, eos=stop)
+        assert tokens == reference[: reference.index(stop) + 1] if stop in reference else tokens == reference
+    assert stopped.stop_reasons[0] == "stop_token" and stopped.tokens[0][-1] == stop
+
+
+def _full_logprobs(params, config, sequence, temperature):
+    logits = forward(params, config, jnp.asarray([sequence])).logits_BxTxV[0]
+    return jax.nn.log_softmax(logits / temperature, axis=-1)
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(temperature=1.0, max_new_tokens=16),
+    SamplingParams(temperature=0.7, top_k=20, max_new_tokens=16),
+    SamplingParams(temperature=1.3, top_p=0.8, max_new_tokens=16),
+])
+def test_sampled_logprobs_equal_a_full_forward(hf_models, sampling):
+    config, params = load_hf_params(hf_models["llama3_gqa"])
+    sampler = Sampler(config, max_len=64)
+    prompts = _prompts(seed=1)
+    _, result = sampler.generate(params, sampler.start(params, prompts), sampling, jax.random.key(7))
+    for prompt, tokens, logprobs in zip(prompts, result.tokens, result.logprobs):
+        table = _full_logprobs(params, config, prompt + tokens, sampling.temperature)
+        expected = np.asarray(table[len(prompt) - 1:-1][np.arange(len(tokens)), np.asarray(tokens)])
+        np.testing.assert_allclose(logprobs, expected, atol=1e-5, rtol=0)
+
+
+def test_top_k_and_top_p_restrict_the_choice(hf_models):
+    config, params = load_hf_params(hf_models["qwen3"])
+    sampler = Sampler(config, max_len=64)
+    prompt = _prompts(seed=2, lengths=(6,))
+    for sampling in (SamplingParams(temperature=2.0, top_k=3, max_new_tokens=1),
+                     SamplingParams(temperature=2.0, top_p=0.05, max_new_tokens=1)):
+        allowed = set()
+        for seed in range(24):
+            _, result = sampler.generate(params, sampler.start(params, prompt), sampling, jax.random.key(seed))
+            allowed.add(result.tokens[0][0])
+        logits = np.asarray(forward(params, config, jnp.asarray(prompt)).logits_BxTxV[0, -1]) / 2.0
+        ranked = list(np.argsort(-logits))
+        if sampling.top_k:
+            assert allowed <= set(ranked[:3]) and len(allowed) > 1
+        else:  # the top token alone holds < 5 % only if the nucleus needs more; check the nucleus bound
+            probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            nucleus = ranked[: int(np.searchsorted(np.cumsum(probs[ranked]), 0.05)) + 1]
+            assert allowed <= set(nucleus)
+
+
+def test_stop_strings_and_token_sequences():
+    tokenizer = train_tokenizer(["```python\nprint(1)\n```\nText after the block."] * 20, vocab_size=300)
+    config = ModelConfig(family="qwen2", vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=16, qkv_bias=True)
+    params, _ = init_params(config, jax.random.key(0))
+    sampler = Sampler(config, max_len=96, tokenizer=tokenizer)
+    prompt = tokenizer.encode("```python\n")
+    _, free = sampler.generate(params, sampler.start(params, [prompt]), SamplingParams(
+        temperature=1.0, max_new_tokens=40), jax.random.key(3))
+    pieces = bytes_of_tokens(tokenizer, config.vocab_size)
+    # Target: the text of the first printable ASCII token after the third one; the reference stop is the first
+    # token at which the generated bytes contain it (it may straddle tokens).
+    target = next(pieces[t] for t in free.tokens[0][3:] if pieces[t] and pieces[t].isascii() and pieces[t].strip()
+                  and pieces[t].decode().isprintable())
+    stream, expected_stop = b"", None
+    for j, token in enumerate(free.tokens[0]):
+        stream += pieces[token]
+        if target in stream:
+            expected_stop = j
+            break
+    _, stopped = sampler.generate(params, sampler.start(params, [prompt]), SamplingParams(
+        temperature=1.0, max_new_tokens=40, stop_strings=(target.decode(),)), jax.random.key(3))
+    assert stopped.stop_reasons == ["stop_string"]
+    assert stopped.tokens[0] == free.tokens[0][: expected_stop + 1]
+
+    sequence = tuple(free.tokens[0][4:6])
+    _, by_ids = sampler.generate(params, sampler.start(params, [prompt]), SamplingParams(
+        temperature=1.0, max_new_tokens=40, stop_sequences=(sequence,)), jax.random.key(3))
+    assert by_ids.stop_reasons == ["stop_sequence"] and tuple(by_ids.tokens[0][-2:]) == sequence
+
+
+def _rollout(sampler, params, config, turns, seed, obs_lengths):
+    """Generate, append an observation, repeat; returns per-row full sequences with sampled positions/logprobs."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (4, 11, 7)]
+    batch = sampler.start(params, prompts)
+    sequences = [list(p) for p in prompts]
+    sampled = [[] for _ in prompts]  # (index in sequence, token, logprob)
+    counts = []
+    for turn in range(turns):
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=6 + turn % 3)
+        batch, result = sampler.generate(params, batch, sampling, jax.random.key(seed * 100 + turn))
+        for row, (tokens, logprobs) in enumerate(zip(result.tokens, result.logprobs)):
+            sampled[row] += [(len(sequences[row]) + i, t, lp) for i, (t, lp) in enumerate(zip(tokens, logprobs))]
+            sequences[row] += tokens
+        observations = [rng.integers(0, VOCAB, obs_lengths[(turn + row) % len(obs_lengths)]).tolist()
+                        for row in range(3)]
+        batch = sampler.append(params, batch, observations)
+        for row, obs in enumerate(observations):
+            sequences[row] += obs
+        counts.append(sampler.compile_count)
+    return batch, sequences, sampled, counts
+
+
+def test_ten_turn_continuation_matches_a_full_forward_and_stops_compiling(hf_models):
+    config, params = load_hf_params(hf_models["qwen2_tied"])
+    sampler = Sampler(config, max_len=256)
+    batch, sequences, sampled, counts = _rollout(sampler, params, config, 10, seed=0, obs_lengths=(3, 9, 5))
+    for row, sequence in enumerate(sequences):
+        assert batch.lengths[row] == len(sequence)
+        table = _full_logprobs(params, config, sequence, 1.0)
+        index = np.asarray([i for i, _, _ in sampled[row]])
+        tokens = np.asarray([t for _, t, _ in sampled[row]])
+        np.testing.assert_allclose([lp for _, _, lp in sampled[row]], np.asarray(table[index - 1, tokens]), atol=1e-5)
+    # Contexts grow from ~10 to ~150 tokens: only a few (chunk, context, buffer) buckets are ever compiled.
+    first_run = counts[-1]
+    assert first_run <= 10, counts
+    # The same rollout shape again (other tokens, other observation lengths in the same buckets): nothing new.
+    _, _, _, again = _rollout(sampler, params, config, 10, seed=1, obs_lengths=(5, 3, 9))
+    assert again[-1] == first_run, (counts, again)
+
+
+def test_rows_can_be_refilled_and_dropped(hf_models):
+    config, params = load_hf_params(hf_models["qwen3"])
+    sampler = Sampler(config, max_len=64)
+    prompts = _prompts(seed=4)
+    batch, _ = sampler.generate(params, sampler.start(params, prompts), GREEDY, jax.random.key(0))
+    new_prompt = _prompts(seed=5, lengths=(7,))[0]
+    batch = sampler.refill(params, batch, {2: new_prompt})
+    assert batch.lengths[2] == 7
+    _, refilled = sampler.generate(params, batch, GREEDY, jax.random.key(0), active=[False, False, True, False])
+    _, alone = sampler.generate(params, sampler.start(params, [new_prompt]), GREEDY, jax.random.key(0))
+    assert refilled.tokens[2] == alone.tokens[0] and refilled.tokens[0] == []
+
+    with pytest.raises(SamplingError, match="this Batch was consumed by an earlier sampler call"):
+        sampler.take(batch, [2])  # `batch` went into generate above
+
+    batch, _ = sampler.generate(params, sampler.start(params, prompts), GREEDY, jax.random.key(0))
+    small = sampler.take(sampler.refill(params, batch, {2: new_prompt}), [2])
+    assert small.rows == 1 and len(small.lengths) == 1
+    _, kept = sampler.generate(params, small, GREEDY, jax.random.key(0))
+    assert kept.tokens[0] == alone.tokens[0]
+
+
+def test_a_full_cache_ends_the_turn_cleanly(hf_models):
+    config, params = load_hf_params(hf_models["qwen2_tied"])
+    sampler = Sampler(config, max_len=20)
+    batch, result = sampler.generate(params, sampler.start(params, _prompts(lengths=(15, 3))),
+                                     SamplingParams(temperature=0.0, max_new_tokens=8), jax.random.key(0))
+    assert result.stop_reasons == ["cache_full", "max_new_tokens"]
+    assert [len(t) for t in result.tokens] == [5, 8] and batch.lengths[0] == 20
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda s, p: s.start(p, [list(range(40))]), "row 0 would hold 40 tokens but the cache holds max_len=32"),
+    (lambda s, p: s.start(p, [[1, 2], []]), "prompts\\[1\\] is empty"),
+    (lambda s, p: s.start(p, "hello"), "prompts must be a non-empty list of token-id lists"),
+    (lambda s, p: s.start(p, [[1, VOCAB + 5]]), f"holds id {VOCAB + 5} outside the vocabulary"),
+    (lambda s, p: SamplingParams(stop_strings="```"), "stop_strings='```' must be a list of strings, got str"),
+    (lambda s, p: SamplingParams(stop_token_ids=[1, "2"]), "must hold non-negative ints"),
+    (lambda s, p: SamplingParams(stop_sequences=[1, 2]), "must be a list of token ids"),
+    (lambda s, p: SamplingParams(temperature=-1), "temperature=-1 must be a number >= 0"),
+    (lambda s, p: SamplingParams(top_p=0), "top_p=0 must be in \\(0, 1\\]"),
+    (lambda s, p: s.generate(p, s.start(p, [[1]]), SamplingParams(stop_strings=("x",)), jax.random.key(0)),
+     "stop_strings need the sampler's tokenizer"),
+])
+def test_bad_input_gets_a_clear_error(hf_models, make, message):
+    config, params = load_hf_params(hf_models["qwen2_tied"])
+    with pytest.raises(SamplingError, match=message):
+        make(Sampler(config, max_len=32), params)
