@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import VOCAB
 from jaxagent.local_tokenizer import train_tokenizer
 from jaxagent.models import ModelConfig, forward, init_params
 from jaxagent.models.hf import load_hf_params
 from jaxagent.sampling import Sampler, SamplingError, SamplingParams, bytes_of_tokens
+
+from conftest import VOCAB
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
