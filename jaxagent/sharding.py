@@ -39,8 +39,8 @@ TRAIN_RULES: Rules = {
 SAMPLE_RULES: Rules = {**TRAIN_RULES, "embed": None}
 
 # Logical axes of the KV cache's fields (see transformer.KVCache).
-CACHE_AXES = (("layers", "batch", "length", "kv_heads", "head_dim"),
-              ("layers", "batch", "length", "kv_heads", "head_dim"),
+CACHE_AXES = (("layers", "batch", "kv_heads", "length", "head_dim"),
+              ("layers", "batch", "kv_heads", "length", "head_dim"),
               ("batch", "length"),
               ("batch",))
 

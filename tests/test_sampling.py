@@ -214,3 +214,37 @@ def test_bad_input_gets_a_clear_error(hf_models, make, message):
     config, params = load_hf_params(hf_models["qwen2_tied"])
     with pytest.raises(SamplingError, match=message):
         make(Sampler(config, max_len=32), params)
+
+
+def _reference_distribution(logits, temperature, top_k=0, top_p=1.0):
+    """NumPy, from the definitions: softmax(logits / T), keep the top-k, then the smallest top-p nucleus."""
+    scaled = logits / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = np.zeros_like(probs, bool)
+    ranked = order[:top_k] if top_k else order
+    mass = np.cumsum(probs[ranked]) / probs[ranked].sum()
+    keep[ranked[: int(np.searchsorted(mass, top_p - 1e-9)) + 1]] = True
+    kept = np.where(keep, probs, 0.0)
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 7, 1.0), (1.5, 0, 0.6),
+                                                       (1.0, 12, 0.8)])
+def test_sample_tokens_follows_the_reference_distribution(temperature, top_k, top_p):
+    from jaxagent.sampling import sample_tokens
+
+    vocab, draws = 300, 40000
+    logits = np.random.default_rng(0).normal(0, 2.0, vocab).astype(np.float32)
+    tokens, logps = jax.jit(sample_tokens, static_argnums=(4, 5, 6))(
+        jnp.broadcast_to(jnp.asarray(logits), (draws, vocab)), jax.random.key(1), jnp.float32(temperature),
+        jnp.float32(top_p), top_k, False, top_p < 1.0)
+    expected = _reference_distribution(logits.astype(np.float64), temperature, top_k, top_p)
+    observed = np.bincount(np.asarray(tokens), minlength=vocab) / draws
+    assert observed[expected == 0].sum() == 0  # nothing outside the allowed set
+    assert 0.5 * np.abs(observed - expected).sum() < 0.02  # total variation (sampling noise is ~0.01 here)
+    # Log-probs are the untruncated softmax(logits / T), as the trainer recomputes them.
+    full = logits / temperature - np.log(np.exp(logits / temperature - (logits / temperature).max()).sum()) - (
+        logits / temperature).max()
+    np.testing.assert_allclose(np.asarray(logps), full[np.asarray(tokens)], atol=1e-5)

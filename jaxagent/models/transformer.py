@@ -30,8 +30,8 @@ _INIT_STD = 0.02  # HF's initializer_range for these families
 class KVCache(NamedTuple):
     """Preallocated keys/values for all layers, with per-slot segment ids and each row's fill level."""
 
-    k_LxBxSxKxDh: jax.Array
-    v_LxBxSxKxDh: jax.Array
+    k_LxBxKxSxDh: jax.Array
+    v_LxBxKxSxDh: jax.Array
     segment_ids_BxS: jax.Array  # 0 = empty or padding slot
     end_B: jax.Array  # next slot to write in each row
 
@@ -46,7 +46,8 @@ class DecoderOutput(NamedTuple):
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache of `max_len` slots per row, in the compute dtype unless `dtype` is given."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    # Slots after heads: attention then contracts contiguous [S, Dh] blocks per (row, kv head) without transposes.
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     dtype = dtype or config.dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), jnp.int32))
@@ -156,7 +157,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BxTxS: jax.Array,
-                 cache_kv: tuple[jax.Array, jax.Array] | None, write_start_B: jax.Array | None):
+                 cache_kv: tuple[jax.Array, jax.Array] | None):
         c = self.config
         q = self._proj("q", (c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), c.qkv_bias)(x_BxTxD)
         k = self._proj("k", (c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias)(x_BxTxD)
@@ -166,27 +167,34 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, "head_dim", c.param_dtype, name="k_norm")(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        new_cache_kv = None
-        if cache_kv is not None:
-            k_cache, v_cache = cache_kv
-            k = _write_rows(k_cache, k.astype(k_cache.dtype), write_start_B)
-            v = _write_rows(v_cache, v.astype(v_cache.dtype), write_start_B)
-            new_cache_kv = (k, v)
-            # Attend over the first mask.shape[-1] slots only: the caller bounds the live context (kv_limit),
-            # so short contexts in a long cache do not pay for the empty slots.
-            k, v = k[:, : mask_BxTxS.shape[-1]], v[:, : mask_BxTxS.shape[-1]]
-
         batch, steps = q.shape[:2]
         groups = c.num_heads // c.num_kv_heads
-        q_BxTxKxGxDh = q.reshape(batch, steps, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k.astype(c.dtype),
-                            preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
+        # Key blocks: the cache's live slots (read in place, never copied) and the new tokens. The caller writes
+        # the new keys/values into the cache once for all layers.
+        k_BxKxTxDh, v_BxKxTxDh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        q_BxKxGxTxDh = q.reshape(batch, steps, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
+        key_blocks, value_blocks, new_kv = [k_BxKxTxDh], [v_BxKxTxDh], None
+        if cache_kv is not None:
+            k_cache, v_cache = cache_kv
+            live = mask_BxTxS.shape[-1] - steps
+            key_blocks = [k_cache[:, :, :live], k_BxKxTxDh]
+            value_blocks = [v_cache[:, :, :live], v_BxKxTxDh]
+            new_kv = (k_BxKxTxDh.astype(k_cache.dtype), v_BxKxTxDh.astype(v_cache.dtype))
+        scores = jnp.concatenate([jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxDh, keys.astype(c.dtype),
+                                             preferred_element_type=jnp.float32) for keys in key_blocks], axis=-1)
+        scores = scores * (c.head_dim ** -0.5)
         scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(c.dtype))
-        out_BxTxHxDh = out.reshape(batch, steps, c.num_heads, c.head_dim)
+        out, offset = 0, 0
+        for values in value_blocks:
+            block = probs[..., offset:offset + values.shape[2]]
+            # Output in the operands' batch order (b, k): XLA's CPU dot is several times slower when asked to
+            # emit another layout; the result is small, so transpose it afterwards.
+            out = out + jnp.einsum("bkgts,bksd->bkgtd", block, values.astype(c.dtype))
+            offset += values.shape[2]
+        out_BxTxHxDh = out.transpose(0, 3, 1, 2, 4).reshape(batch, steps, c.num_heads, c.head_dim)
         y = self._proj("o", (c.hidden_size,), ("heads", "head_dim"), ("embed",), c.o_bias)(out_BxTxHxDh)
-        return y, new_cache_kv
+        return y, new_kv
 
 
 class MLP(nn.Module):
@@ -220,16 +228,15 @@ class DecoderLayer(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, cache_kv: Any, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 write_start_B: jax.Array | None):
+    def __call__(self, x_BxTxD: jax.Array, cache_kv: Any, cos: jax.Array, sin: jax.Array, mask: jax.Array):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="input_norm")(x_BxTxD)
-        attn_out, new_cache_kv = Attention(c, self.lora, self.use_lora, self.deterministic, name="attn")(
-            h, cos, sin, mask, cache_kv, write_start_B)
+        attn_out, new_kv = Attention(c, self.lora, self.use_lora, self.deterministic, name="attn")(
+            h, cos, sin, mask, cache_kv)
         x_BxTxD = x_BxTxD + attn_out
         h = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="post_attn_norm")(x_BxTxD)
         x_BxTxD = x_BxTxD + MLP(c, self.lora, self.use_lora, self.deterministic, name="mlp")(h)
-        return x_BxTxD, new_cache_kv
+        return x_BxTxD, new_kv
 
 
 _REMAT_POLICIES = {
@@ -262,13 +269,13 @@ class Decoder(nn.Module):
             layer_cls,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "lora": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         layers = scanned(c, self.lora, use_lora, deterministic, name="layers")
-        cache_kv = None if cache is None else (cache.k_LxBxSxKxDh, cache.v_LxBxSxKxDh)
-        x, new_kv = layers(x, cache_kv, cos, sin, mask, write_start)
+        cache_kv = None if cache is None else (cache.k_LxBxKxSxDh, cache.v_LxBxKxSxDh)
+        x, new_kv = layers(x, cache_kv, cos, sin, mask)
 
         x = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="final_norm")(x)
         # Logits only where asked (e.g. each row's last prompt token): the vocab projection dominates short steps.
@@ -279,8 +286,27 @@ class Decoder(nn.Module):
             head = _param(self, "lm_head", nn.initializers.normal(_INIT_STD), (c.hidden_size, c.vocab_size),
                           ("embed", "vocab"), c.param_dtype)
             logits = jnp.einsum("btd,dv->btv", x_head, head.astype(c.dtype), preferred_element_type=jnp.float32)
-        new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], new_segments, new_end)
+        new_cache = None
+        if cache is not None:  # one in-place write of every layer's new keys/values
+            new_cache = KVCache(_write_kv(cache.k_LxBxKxSxDh, new_kv[0], write_start),
+                                _write_kv(cache.v_LxBxKxSxDh, new_kv[1], write_start), new_segments, new_end)
         return DecoderOutput(logits.astype(jnp.float32), x, new_cache)
+
+
+def _write_kv(cache_LxBxKxSxDh: jax.Array, new_LxBxKxTxDh: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Write every layer's new keys (or values) at slots start..start+T-1 of each row, in one scatter.
+
+    Each (row, new token) pair is one scatter index; layers, kv heads and head_dim form the written window, so the
+    update is in place on a donated cache. Slots past the end are dropped, as in `_write_rows`.
+    """
+    batch, steps = new_LxBxKxTxDh.shape[1], new_LxBxKxTxDh.shape[3]
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, steps))
+    slots = start_B[:, None] + jnp.arange(steps)[None, :]
+    indices_BxTx2 = jnp.stack([rows, slots], axis=-1)
+    numbers = jax.lax.ScatterDimensionNumbers(update_window_dims=(0, 2, 4), inserted_window_dims=(1, 3),
+                                              scatter_dims_to_operand_dims=(1, 3))
+    return jax.lax.scatter(cache_LxBxKxSxDh, indices_BxTx2, new_LxBxKxTxDh, numbers, indices_are_sorted=True,
+                           unique_indices=True, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def _write_rows(buffer_BxS: jax.Array, new_BxT: jax.Array, start_B: jax.Array) -> jax.Array:
@@ -295,28 +321,27 @@ def _write_rows(buffer_BxS: jax.Array, new_BxT: jax.Array, start_B: jax.Array) -
 def _attention_mask(segment_ids_BxT: jax.Array, cache: KVCache | None, kv_limit: int | None = None):
     """Boolean mask [B, T, keys] plus, with a cache, where to write and the cache's new segments and ends.
 
-    With a cache the keys are its first `kv_limit` slots (all slots when None).
+    Without a cache the keys are the T new tokens. With a cache they are the first `kv_limit` cache slots (all when
+    None) followed by the T new tokens; a cache slot counts only below the row's end (later slots are stale).
     """
     steps = segment_ids_BxT.shape[1]
+    new_slot = jnp.arange(steps)[None, :]
+    same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    new_mask = same_segment & (new_slot[:, None, :] <= new_slot[:, :, None]) & (segment_ids_BxT[:, None, :] != 0)
     if cache is None:
-        seg_q, seg_k = segment_ids_BxT, segment_ids_BxT
-        slot_q = jnp.arange(steps)[None, :]
-        slot_k = jnp.arange(steps)[None, :]
-        write_start, new_segments, new_end = None, None, None
-    else:
-        write_start = cache.end_B
-        new_segments = _write_rows(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), write_start)
-        slot_q = write_start[:, None] + jnp.arange(steps)[None, :]
-        # The row's end moves past its last real (non-zero segment) token, so right padding of a chunk is
-        # overwritten by the next write while left padding stays behind as empty slots.
-        has_token = segment_ids_BxT != 0
-        last_real = jnp.max(jnp.where(has_token, slot_q + 1, 0), axis=1)
-        new_end = jnp.where(jnp.any(has_token, axis=1), last_real, cache.end_B).astype(jnp.int32)
-        seg_q, seg_k = segment_ids_BxT, new_segments[:, :kv_limit]
-        slot_k = jnp.arange(seg_k.shape[1])[None, :]
-    same_segment = seg_q[:, :, None] == seg_k[:, None, :]
-    causal = slot_k[:, None, :] <= slot_q[:, :, None]
-    mask = same_segment & causal & (seg_k[:, None, :] != 0)
+        return new_mask, None, None, None
+    write_start = cache.end_B
+    old_segments = cache.segment_ids_BxS[:, :kv_limit]
+    old_slot = jnp.arange(old_segments.shape[1])[None, :]
+    old_mask = ((old_segments[:, None, :] == segment_ids_BxT[:, :, None]) & (old_segments[:, None, :] != 0)
+                & (old_slot < write_start[:, None])[:, None, :])
+    mask = jnp.concatenate([old_mask, new_mask], axis=-1)
+    new_segments = _write_rows(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), write_start)
+    # The row's end moves past its last real (non-zero segment) token, so right padding of a chunk is
+    # overwritten by the next write while left padding stays behind as empty slots.
+    has_token = segment_ids_BxT != 0
+    last_real = jnp.max(jnp.where(has_token, write_start[:, None] + new_slot + 1, 0), axis=1)
+    new_end = jnp.where(jnp.any(has_token, axis=1), last_real, write_start).astype(jnp.int32)
     return mask, write_start, new_segments, new_end
 
 
