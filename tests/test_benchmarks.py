@@ -1,0 +1,20 @@
+"""The benchmarks run and report what they promise (figures are not asserted: tests never depend on timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_sampler_benchmark_prints_one_json_line_with_identical_tokens():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sampler", "--batches", "2", "--prompt-len", "8",
+                           "--new-tokens", "8", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    (result,) = report["results"]
+    assert result["batch"] == 2 and result["greedy_tokens_identical"] is True
+    assert result["jaxagent_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0 and result["ratio"] > 0
