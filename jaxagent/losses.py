@@ -1,0 +1,213 @@
+"""Losses: pure functions of per-token log-probs, masks and per-trajectory scalars. No I/O, no config objects.
+
+Every loss returns `(total, count)`: the sum of its per-unit losses and the number of units (trajectories, tokens or
+pairs) it is a mean over. The loss is total / count; keeping the two apart lets the update step accumulate
+micro-batches exactly (sum the totals and counts, divide once).
+
+Shapes: N trajectories (or P pairs), T tokens. `logp_*_NxT[n, t]` is the log-probability of token t given the
+tokens before it; `model_mask_NxT` is 1 on tokens the policy sampled; `turn_index_NxT` numbers the agent turns
+(0, 1, ...; any value on non-model tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+CLIP_MODES = ("asymmetric", "symmetric")
+RATIO_LEVELS = ("token", "turn", "trajectory", "none")
+CRITIC_SCORES = ("trajectory_mean", "turn_sum")
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
+
+
+def clip_bounds(epsilon: float, clip: str) -> tuple[float, float]:
+    """Ratio bounds: LOOP's code [1/(1+eps), 1+eps] (`asymmetric`) or PPO's [1-eps, 1+eps] (`symmetric`)."""
+    if clip == "asymmetric":
+        return 1.0 / (1.0 + epsilon), 1.0 + epsilon
+    if clip == "symmetric":
+        return 1.0 - epsilon, 1.0 + epsilon
+    raise ValueError(f"unknown clip mode {clip!r}; valid: {', '.join(CLIP_MODES)}")
+
+
+def clipped_objective(ratio: jax.Array, advantage: jax.Array, low: float, high: float) -> jax.Array:
+    """PPO's pessimistic objective min(r·A, clip(r, low, high)·A)."""
+    return jnp.minimum(ratio * advantage, jnp.clip(ratio, low, high) * advantage)
+
+
+def turn_sums(values_NxT: jax.Array, model_mask_NxT: jax.Array, turn_index_NxT: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+    """Per (trajectory, turn): the sum of `values` over the turn's model tokens and the token count; [N, T] each
+    (turn k in column k; turns are numbered below T)."""
+    n, t = values_NxT.shape
+    mask = _f32(model_mask_NxT)
+    turn = jnp.clip(turn_index_NxT, 0, t - 1)
+    segment = (jnp.arange(n)[:, None] * t + turn).reshape(-1)
+    sums = jax.ops.segment_sum((values_NxT * mask).reshape(-1), segment, num_segments=n * t).reshape(n, t)
+    counts = jax.ops.segment_sum(mask.reshape(-1), segment, num_segments=n * t).reshape(n, t)
+    return sums, counts
+
+
+def policy_loss(logp_new_NxT: jax.Array, logp_old_NxT: jax.Array, model_mask_NxT: jax.Array,
+                advantages: jax.Array, turn_index_NxT: jax.Array | None = None, *, epsilon: float = 0.1,
+                clip: str = "asymmetric", ratio_level: str = "token", ref_logp_NxT: jax.Array | None = None,
+                kl_coef: float = 0.0, valid_N: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Clipped policy-gradient loss, averaged per trajectory then over trajectories (LOOP, GRPO, PPO, RLOO).
+
+    `advantages` is [N] (one value per trajectory, applied to all its tokens) or [N, T] (per token, e.g. GAE).
+    ratio_level: `token` (LOOP: r_t = exp(new_t - old_t), mean over model tokens), `turn` (r = product over a
+    turn's tokens, mean over turns), `trajectory` (one ratio for the whole trajectory: "bandit"), `none` (REINFORCE:
+    -A·log π, mean over model tokens). With `kl_coef`, GRPO's k3 estimator exp(ref-new) - (ref-new) - 1 to a
+    reference policy, averaged over model tokens, is added to each trajectory's loss.
+    """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio level {ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
+    low, high = clip_bounds(epsilon, clip)
+    mask = _f32(model_mask_NxT)
+    tokens_per_traj = jnp.sum(mask, axis=1)
+    has_tokens = tokens_per_traj > 0
+    valid = has_tokens if valid_N is None else has_tokens & valid_N.astype(bool)
+    new, old = _f32(logp_new_NxT), _f32(logp_old_NxT)
+    per_token_adv = advantages.ndim == 2
+    adv_NxT = _f32(advantages) if per_token_adv else jnp.broadcast_to(_f32(advantages)[:, None], mask.shape)
+
+    if ratio_level == "none":
+        objective = jnp.sum(adv_NxT * new * mask, axis=1) / jnp.maximum(tokens_per_traj, 1.0)
+    elif ratio_level == "token":
+        ratio = jnp.exp(new - old)
+        per_token = clipped_objective(ratio, adv_NxT, low, high)
+        objective = jnp.sum(per_token * mask, axis=1) / jnp.maximum(tokens_per_traj, 1.0)
+    else:
+        if per_token_adv:
+            raise ValueError(f"ratio_level={ratio_level!r} needs one advantage per trajectory, got shape "
+                             f"{advantages.shape}")
+        adv = _f32(advantages)
+        if ratio_level == "trajectory":
+            ratio = jnp.exp(jnp.sum((new - old) * mask, axis=1))
+            objective = clipped_objective(ratio, adv, low, high)
+        else:
+            if turn_index_NxT is None:
+                raise ValueError("ratio_level='turn' needs turn_index_NxT")
+            log_ratio, counts = turn_sums(new - old, model_mask_NxT, turn_index_NxT)
+            present = counts > 0
+            per_turn = clipped_objective(jnp.exp(log_ratio), adv[:, None], low, high)
+            objective = jnp.sum(jnp.where(present, per_turn, 0.0), axis=1) / jnp.maximum(
+                jnp.sum(present, axis=1), 1)
+
+    loss = -objective
+    if kl_coef:
+        if ref_logp_NxT is None:
+            raise ValueError("kl_coef > 0 needs ref_logp_NxT")
+        log_ref_over_new = _f32(ref_logp_NxT) - new
+        k3 = jnp.exp(log_ref_over_new) - log_ref_over_new - 1.0
+        loss = loss + kl_coef * jnp.sum(k3 * mask, axis=1) / jnp.maximum(tokens_per_traj, 1.0)
+    return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def value_loss(values_NxT: jax.Array, returns_NxT: jax.Array, model_mask_NxT: jax.Array,
+               valid_N: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """0.5·(V - return)² on model tokens with V clipped to [0, 1] (rewards lie in [0, 1]), mean per trajectory."""
+    mask = _f32(model_mask_NxT)
+    tokens = jnp.sum(mask, axis=1)
+    valid = tokens > 0 if valid_N is None else (tokens > 0) & valid_N.astype(bool)
+    error = jnp.clip(_f32(values_NxT), 0.0, 1.0) - _f32(returns_NxT)
+    per_traj = jnp.sum(0.5 * error**2 * mask, axis=1) / jnp.maximum(tokens, 1.0)
+    return jnp.sum(jnp.where(valid, per_traj, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def sft_loss(logp_NxT: jax.Array, model_mask_NxT: jax.Array, weights_N: jax.Array | None = None,
+             per: str = "token") -> tuple[jax.Array, jax.Array]:
+    """Behaviour cloning: negative log-likelihood of model tokens, a mean over all tokens of the batch (`token`) or
+    a mean per trajectory then over trajectories (`trajectory`). `weights_N` (0/1) is the keep filter of
+    rejection fine-tuning / expert iteration."""
+    mask = _f32(model_mask_NxT)
+    if weights_N is not None:
+        mask = mask * _f32(weights_N)[:, None]
+    nll = -_f32(logp_NxT) * mask
+    if per == "token":
+        return jnp.sum(nll), jnp.sum(mask)
+    if per == "trajectory":
+        tokens = jnp.sum(mask, axis=1)
+        kept = tokens > 0
+        return jnp.sum(jnp.where(kept, jnp.sum(nll, axis=1) / jnp.maximum(tokens, 1.0), 0.0)), jnp.sum(
+            kept).astype(jnp.float32)
+    raise ValueError(f"unknown sft normalisation {per!r}; valid: token, trajectory")
+
+
+def dpo_loss(logp_chosen_PxT: jax.Array, mask_chosen_PxT: jax.Array, ref_chosen_PxT: jax.Array,
+             logp_rejected_PxT: jax.Array, mask_rejected_PxT: jax.Array, ref_rejected_PxT: jax.Array, *,
+             beta: float = 0.1, nll_coef: float = 0.0, valid_P: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+    """DPO on pairs: -log σ(β[(log π_c - log ref_c) - (log π_r - log ref_r)]), sequence log-probs summed over the
+    agent's tokens (ETO; SWEET-RL's turn-level step with one action per side). `nll_coef` adds that multiple of the
+    chosen side's mean per-token NLL (SWEET-RL: 0.01)."""
+    mask_c, mask_r = _f32(mask_chosen_PxT), _f32(mask_rejected_PxT)
+    chosen = jnp.sum((_f32(logp_chosen_PxT) - _f32(ref_chosen_PxT)) * mask_c, axis=1)
+    rejected = jnp.sum((_f32(logp_rejected_PxT) - _f32(ref_rejected_PxT)) * mask_r, axis=1)
+    loss = -jax.nn.log_sigmoid(beta * (chosen - rejected))
+    if nll_coef:
+        tokens = jnp.maximum(jnp.sum(mask_c, axis=1), 1.0)
+        loss = loss + nll_coef * (-jnp.sum(_f32(logp_chosen_PxT) * mask_c, axis=1) / tokens)
+    valid = jnp.ones(loss.shape, bool) if valid_P is None else valid_P.astype(bool)
+    return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def critic_scores(critic_logp_NxT: jax.Array, ref_logp_NxT: jax.Array, model_mask_NxT: jax.Array,
+                  turn_index_NxT: jax.Array | None = None, score: str = "trajectory_mean") -> jax.Array:
+    """SWEET-RL's trajectory score from the critic's per-token log-ratio to its frozen copy, [N].
+
+    `turn_sum` (paper): Σ over turns of the turn advantage, the mean log-ratio over the turn's tokens.
+    `trajectory_mean` (public code): one mean of the log-ratio over all the trajectory's agent tokens.
+    """
+    log_ratio = _f32(critic_logp_NxT) - _f32(ref_logp_NxT)
+    if score == "trajectory_mean":
+        mask = _f32(model_mask_NxT)
+        return jnp.sum(log_ratio * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    if score == "turn_sum":
+        if turn_index_NxT is None:
+            raise ValueError("score='turn_sum' needs turn_index_NxT")
+        sums, counts = turn_sums(log_ratio, model_mask_NxT, turn_index_NxT)
+        return jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0), axis=1)
+    raise ValueError(f"unknown critic score {score!r}; valid: {', '.join(CRITIC_SCORES)}")
+
+
+def turn_advantages(critic_logp_NxT: jax.Array, ref_logp_NxT: jax.Array, model_mask_NxT: jax.Array,
+                    turn_index_NxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SWEET-RL's A(o_t, a_t, c) per turn: mean log-ratio over the turn's tokens; returns ([N, T], present mask)."""
+    sums, counts = turn_sums(_f32(critic_logp_NxT) - _f32(ref_logp_NxT), model_mask_NxT, turn_index_NxT)
+    return sums / jnp.maximum(counts, 1.0), counts > 0
+
+
+def bradley_terry_loss(critic_chosen_PxT: jax.Array, ref_chosen_PxT: jax.Array, mask_chosen_PxT: jax.Array,
+                       critic_rejected_PxT: jax.Array, ref_rejected_PxT: jax.Array, mask_rejected_PxT: jax.Array,
+                       turn_chosen_PxT: jax.Array | None = None, turn_rejected_PxT: jax.Array | None = None, *,
+                       beta: float = 0.1, score: str = "trajectory_mean", valid_P: jax.Array | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """SWEET-RL critic loss over pairs of the same task, τ+ with the higher reward: -log σ(β·S(τ+) - β·S(τ-))."""
+    better = critic_scores(critic_chosen_PxT, ref_chosen_PxT, mask_chosen_PxT, turn_chosen_PxT, score)
+    worse = critic_scores(critic_rejected_PxT, ref_rejected_PxT, mask_rejected_PxT, turn_rejected_PxT, score)
+    loss = -jax.nn.log_sigmoid(beta * better - beta * worse)
+    valid = jnp.ones(loss.shape, bool) if valid_P is None else valid_P.astype(bool)
+    return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+# Losses by name, so an ablation is a configuration key.
+LOSSES: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    "policy": policy_loss,
+    "value": value_loss,
+    "sft": sft_loss,
+    "dpo": dpo_loss,
+    "bradley_terry": bradley_terry_loss,
+}
+
+
+def get_loss(name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The loss function called `name`."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}") from None
