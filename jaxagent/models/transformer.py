@@ -39,7 +39,7 @@ class KVCache(NamedTuple):
 class DecoderOutput(NamedTuple):
     """Logits (float32) of every new token, the final hidden states, and the updated cache (None without one)."""
 
-    logits_BxTxV: jax.Array
+    logits_BxTxV: jax.Array | None
     hidden_BxTxD: jax.Array
     cache: KVCache | None
 
@@ -254,7 +254,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
                  cache: KVCache | None = None, use_lora: bool = True, deterministic: bool = True,
-                 kv_limit: int | None = None, logits_at_BxK: jax.Array | None = None) -> DecoderOutput:
+                 kv_limit: int | None = None, logits_at_BxK: jax.Array | None = None,
+                 with_logits: bool = True) -> DecoderOutput:
         c = self.config
         embedding = _param(self, "embedding", nn.initializers.normal(_INIT_STD), (c.vocab_size, c.hidden_size),
                            ("vocab", "embed"), c.param_dtype)
@@ -278,19 +279,27 @@ class Decoder(nn.Module):
         x, new_kv = layers(x, cache_kv, cos, sin, mask)
 
         x = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="final_norm")(x)
+        if not c.tie_word_embeddings:  # created even when unused, so parameters never depend on the call
+            head = _param(self, "lm_head", nn.initializers.normal(_INIT_STD), (c.hidden_size, c.vocab_size),
+                          ("embed", "vocab"), c.param_dtype)
+        if not with_logits:  # the caller applies the head itself (e.g. chunked log-probs for training)
+            return DecoderOutput(None, x, self._updated_cache(cache, new_kv, write_start, new_segments, new_end))
         # Logits only where asked (e.g. each row's last prompt token): the vocab projection dominates short steps.
         x_head = x if logits_at_BxK is None else jnp.take_along_axis(x, logits_at_BxK[..., None], axis=1)
         if c.tie_word_embeddings:
             logits = jnp.einsum("btd,vd->btv", x_head, embedding.astype(c.dtype), preferred_element_type=jnp.float32)
         else:
-            head = _param(self, "lm_head", nn.initializers.normal(_INIT_STD), (c.hidden_size, c.vocab_size),
-                          ("embed", "vocab"), c.param_dtype)
             logits = jnp.einsum("btd,dv->btv", x_head, head.astype(c.dtype), preferred_element_type=jnp.float32)
-        new_cache = None
-        if cache is not None:  # one in-place write of every layer's new keys/values
-            new_cache = KVCache(_write_kv(cache.k_LxBxKxSxDh, new_kv[0], write_start),
-                                _write_kv(cache.v_LxBxKxSxDh, new_kv[1], write_start), new_segments, new_end)
+        new_cache = self._updated_cache(cache, new_kv, write_start, new_segments, new_end)
         return DecoderOutput(logits.astype(jnp.float32), x, new_cache)
+
+    @staticmethod
+    def _updated_cache(cache, new_kv, write_start, new_segments, new_end) -> KVCache | None:
+        """The cache after one in-place write of every layer's new keys/values."""
+        if cache is None:
+            return None
+        return KVCache(_write_kv(cache.k_LxBxKxSxDh, new_kv[0], write_start),
+                       _write_kv(cache.v_LxBxKxSxDh, new_kv[1], write_start), new_segments, new_end)
 
 
 def _write_kv(cache_LxBxKxSxDh: jax.Array, new_LxBxKxTxDh: jax.Array, start_B: jax.Array) -> jax.Array:
@@ -387,13 +396,14 @@ def _init_variables(config: ModelConfig, rng: jax.Array, lora: LoraConfig | None
 def forward(params: dict, config: ModelConfig, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
             segment_ids_BxT: jax.Array | None = None, cache: KVCache | None = None,
             lora_params: dict | None = None, lora: LoraConfig | None = None, dropout_rng: jax.Array | None = None,
-            kv_limit: int | None = None, logits_at_BxK: jax.Array | None = None) -> DecoderOutput:
+            kv_limit: int | None = None, logits_at_BxK: jax.Array | None = None,
+            with_logits: bool = True) -> DecoderOutput:
     """Run the decoder. Without segment ids every token is real; without positions they follow the segments.
 
     With `lora_params` and `lora` the adapters are applied (dropout only when `dropout_rng` is given); without them
     the base model runs, which is also the reference policy of a LoRA run. With a cache, `kv_limit` (static) bounds
     the slots attended to (the caller guarantees every write lands below it); `logits_at_BxK` picks the positions
-    whose logits are computed (all when None).
+    whose logits are computed (all when None); `with_logits=False` returns only hidden states (logits None).
     """
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
@@ -406,4 +416,5 @@ def forward(params: dict, config: ModelConfig, tokens_BxT: jax.Array, positions_
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     model = Decoder(config, lora if use_lora else None)
     return model.apply(variables, tokens_BxT, positions_BxT, segment_ids_BxT, cache, use_lora=use_lora,
-                       deterministic=dropout_rng is None, kv_limit=kv_limit, logits_at_BxK=logits_at_BxK, rngs=rngs)
+                       deterministic=dropout_rng is None, kv_limit=kv_limit, logits_at_BxK=logits_at_BxK,
+                       with_logits=with_logits, rngs=rngs)
