@@ -18,3 +18,14 @@ def test_sampler_benchmark_prints_one_json_line_with_identical_tokens():
     (result,) = report["results"]
     assert result["batch"] == 2 and result["greedy_tokens_identical"] is True
     assert result["jaxagent_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0 and result["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_update_benchmark_reports_throughput_mfu_and_memory():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.update", "--batch", "2", "--length", "64", "--repeats",
+                           "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("jaxagent_tokens_per_s", "torch_tokens_per_s", "ratio", "mfu_vs_190_gflops",
+                "loop_over_sft_peak_memory"):
+        assert report[key] > 0, key
