@@ -381,3 +381,34 @@ def _finish_stats(stats: dict, loss, grad_norm, count, finite) -> dict:
             clipped_fraction=jnp.sum(stats["clipped"]) / denom,
         )
     return metrics
+
+
+def train_state_shardings(state: TrainState, model: ModelConfig, mesh: Any, config: UpdateConfig,
+                          lora: LoraConfig | None = None) -> TrainState:
+    """Where each leaf of a train state lives on `mesh` under the training rules: trainable leaves as their
+    parameters, optimizer moments as the parameters they track, counters and the value head replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxagent.sharding import TRAIN_RULES, param_shardings
+
+    params_sh, lora_sh = param_shardings(model, mesh, TRAIN_RULES, lora)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    trainable_sh = {}
+    for name, subtree in state.trainable.items():
+        if name == "params":
+            trainable_sh[name] = params_sh
+        elif name == "lora":
+            trainable_sh[name] = lora_sh
+        else:
+            trainable_sh[name] = jax.tree.map(lambda _: replicated, subtree)
+    opt_sh = optax.tree_map_params(make_optimizer(config.optim), lambda _, sharding: sharding, state.opt_state,
+                                   trainable_sh, transform_non_params=lambda _: replicated)
+    return TrainState(trainable_sh, opt_sh, replicated, replicated, replicated)
+
+
+def batch_shardings(batch, mesh: Any):
+    """Every batch leaf split along its leading (batch) axis over data and fsdp, when they divide it."""
+    from jaxagent.sharding import TRAIN_RULES, sharding_for
+
+    return jax.tree.map(lambda x: sharding_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, TRAIN_RULES),
+                        batch)

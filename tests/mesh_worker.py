@@ -73,7 +73,59 @@ def main(folder: str) -> None:
             "sampled_logprob_max_diff": float(max(np.abs(a - b).max() for a, b in zip(logits_sampled.logprobs,
                                                                                        ref_sampled.logprobs))),
         }
+    results["update"] = update_under_meshes(config, params)
     print(json.dumps(results))
+
+
+def update_under_meshes(config, params) -> dict:
+    """One LOOP step with LoRA: sharded over each mesh vs one device; parameters and their placement."""
+    from jaxagent.models import LoraConfig, init_params
+    from jaxagent.update import (  # noqa: I001
+        SequenceBatch,
+        UpdateConfig,
+        batch_shardings,
+        init_train_state,
+        make_update_step,
+        sequence_logprobs,
+        train_state_shardings,
+    )
+
+    lora = LoraConfig(rank=4, alpha=8.0)
+    _, lora_params = init_params(config, jax.random.key(3), lora)
+    rng = np.random.default_rng(5)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (8, 24)))
+    segments = jnp.ones_like(tokens)
+    mask = jnp.zeros_like(tokens).at[:, 8:20].set(1)
+    logp, _ = sequence_logprobs(params, config, tokens, segments, None, None, 1.0, 8)
+    batch = SequenceBatch(tokens, segments, mask, jnp.zeros_like(tokens), logp, logp - 0.02,
+                          jnp.asarray(rng.normal(0, 1, 8), jnp.float32), jnp.ones(8))
+    update_config = UpdateConfig(micro_batches=2)
+    step = make_update_step(config, update_config, lora)
+
+    def run(mesh=None):
+        state = init_train_state({"lora": jax.tree.map(jnp.copy, lora_params)}, update_config)
+        frozen, data = {"params": params}, batch
+        if mesh is not None:
+            state = jax.device_put(state, train_state_shardings(state, config, mesh, update_config, lora))
+            frozen = jax.device_put(frozen, {"params": param_shardings(config, mesh, TRAIN_RULES)[0]})
+            data = jax.device_put(batch, batch_shardings(batch, mesh))
+        for i in range(2):
+            state, metrics = step(state, frozen, data, jax.random.key(i))
+        return state, metrics
+
+    reference, ref_metrics = run()
+    out = {}
+    for name, shape in {"data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+                        "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}}.items():
+        state, metrics = run(make_mesh(shape))
+        a = state.trainable["lora"]["layers"]["mlp"]["up"]["a"]
+        out[name] = {
+            "lora_max_diff": float(max(np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in zip(
+                jax.tree.leaves(state.trainable), jax.tree.leaves(reference.trainable)))),
+            "loss_diff": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
+            "lora_a_spec": str(a.sharding.spec), "lora_a_devices": len(a.sharding.device_set),
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Meshes and sharding rules; on 8 simulated CPU devices, sharded forward and sampling equal one device."""
+"""Meshes and sharding rules; on 8 simulated CPU devices, sharded forward, sampling and updates equal one device."""
 
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ def test_sharded_forward_and_sampling_equal_one_device(hf_models):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["data2_fsdp2_tensor2"]["q_kernel_spec"] == "P(None, 'fsdp', 'tensor', None)"
     assert results["fsdp8"]["q_kernel_spec"] == "P(None, 'fsdp', None, None)"
+    update = results.pop("update")
+    for name, result in update.items():  # two LoRA LOOP steps, micro-batched, sharded vs one device
+        assert result["lora_max_diff"] < 1e-6 and result["loss_diff"] < 1e-6, (name, result)
+        assert result["lora_a_spec"] == "P(None, 'fsdp', None)" and result["lora_a_devices"] == 8, (name, result)
     for name, result in results.items():
         assert result["q_kernel_devices"] == 8, name
         assert result["forward_max_diff"] < 1e-5, (name, result)
