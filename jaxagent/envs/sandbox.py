@@ -1,0 +1,220 @@
+"""Run model-written Python outside the trainer: one persistent, isolated interpreter per episode.
+
+`Sandbox.run(code)` executes a cell in the episode's interpreter (`jaxagent.envs.sandbox_worker`) and returns its
+output or its error. The interpreter runs with a wall-clock limit per cell, an address-space limit, a process-count
+limit, no network and a scratch working directory that is the only writable place; it sees none of the trainer's
+environment variables. A cell that hangs, crashes the interpreter or exits it gets an error result; the interpreter
+is replaced (its variables are lost, and `setup_code` runs again) and the episode goes on. The trainer never waits
+longer than the cell timeout and never runs agent code itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+log = logging.getLogger(__name__)
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not start an interpreter at all."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxLimits:
+    """Per-cell and per-interpreter limits."""
+
+    cell_timeout_s: float = 10.0
+    memory_mb: int = 1024
+    max_processes: int = 16
+    max_file_mb: int = 64
+    max_output_chars: int = 20_000
+    recursion_limit: int = 3000
+    start_timeout_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CellResult:
+    """A cell's printed output and, if it failed, the error text (a traceback or the harness's explanation)."""
+
+    output: str
+    error: str | None = None
+    restarted: bool = False  # the interpreter was replaced after this cell
+
+    @property
+    def text(self) -> str:
+        """What the agent sees: the output, then the error."""
+        return "\n".join(part for part in (self.output.rstrip("\n"), (self.error or "").rstrip("\n")) if part)
+
+
+class Sandbox:
+    """One episode's interpreter."""
+
+    def __init__(self, limits: SandboxLimits = SandboxLimits(), setup_code: str = "",
+                 scratch_root: str | None = None) -> None:
+        self.limits, self.setup_code, self.scratch_root = limits, setup_code, scratch_root
+        self.isolation = ""
+        self.restarts = 0
+        self._process: subprocess.Popen | None = None
+        self._start()
+
+    # ---- public API ---------------------------------------------------------------------------------------------
+
+    def run(self, code: str) -> CellResult:
+        """Execute `code` in the episode's namespace."""
+        if self._process is None:
+            raise SandboxError("the sandbox is closed")
+        try:
+            reply = self._request(code, self.limits.cell_timeout_s)
+        except TimeoutError:
+            self._restart()
+            return CellResult("", f"TimeoutError: the cell ran longer than {self.limits.cell_timeout_s:g} s and was "
+                                  "stopped; the interpreter was restarted and its variables are lost.", True)
+        except (EOFError, OSError, ValueError) as err:
+            code_text = self._exit_description()
+            self._restart()
+            return CellResult("", f"SystemError: the interpreter stopped ({code_text}; {err}); it was restarted "
+                                  "and its variables are lost.", True)
+        return CellResult(reply.get("output", ""), reply.get("error"))
+
+    def close(self) -> None:
+        """Stop the interpreter and every process it started; remove the scratch directory."""
+        self._stop()
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- process management ---------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        self.scratch = tempfile.mkdtemp(prefix="jaxagent-sandbox-", dir=self.scratch_root)
+        os.chmod(self.scratch, 0o755)
+        request_read, self._request_write = os.pipe()
+        self._reply_read, reply_write = os.pipe()
+        config = {"memory_mb": self.limits.memory_mb, "max_processes": self.limits.max_processes,
+                  "max_file_mb": self.limits.max_file_mb, "max_output_chars": self.limits.max_output_chars,
+                  "recursion_limit": self.limits.recursion_limit}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.scratch, "TMPDIR": self.scratch,
+               "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", "-m", "jaxagent.envs.sandbox_worker", self.scratch, str(request_read),
+             str(reply_write), json.dumps(config)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=self.scratch,
+            pass_fds=(request_read, reply_write), start_new_session=True, close_fds=True)
+        os.close(request_read)
+        os.close(reply_write)
+        self._buffer = b""
+        try:
+            hello = self._read_reply(self.limits.start_timeout_s)
+        except (TimeoutError, EOFError, ValueError) as err:
+            self._stop()
+            raise SandboxError(f"the sandbox interpreter did not start ({err})") from None
+        self.isolation = hello.get("isolation", "")
+        if self.isolation != "namespaces":
+            log.warning("sandbox isolation is %s", self.isolation)
+        if self.setup_code:
+            reply = self._request(self.setup_code, self.limits.start_timeout_s)
+            if reply.get("error"):
+                self._stop()
+                raise SandboxError(f"the sandbox setup code failed: {reply['error'][-500:]}")
+
+    def _restart(self) -> None:
+        self._stop()
+        self.restarts += 1
+        self._start()
+
+    def _stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            pid = process.pid
+            with _ignored_os_errors():
+                os.killpg(pid, signal.SIGKILL)  # the interpreter and everything in its process group
+            with _ignored_os_errors():
+                process.wait(timeout=5)
+            _kill_user(100000 + pid)  # children that left the process group (setsid) still carry its user
+        for fd in (getattr(self, "_request_write", None), getattr(self, "_reply_read", None)):
+            if fd is not None:
+                with _ignored_os_errors():
+                    os.close(fd)
+        self._request_write = self._reply_read = None
+        if getattr(self, "scratch", None):
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _exit_description(self) -> str:
+        if self._process is None:
+            return "closed"
+        try:
+            code = self._process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            return "not answering"
+        return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+
+    # ---- protocol -----------------------------------------------------------------------------------------------
+
+    def _request(self, code: str, timeout: float) -> dict:
+        payload = (json.dumps({"code": code}) + "\n").encode()
+        view = memoryview(payload)
+        while view:
+            written = os.write(self._request_write, view)
+            view = view[written:]
+        return self._read_reply(timeout)
+
+    def _read_reply(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([self._reply_read], [], [], remaining)
+            if not ready:
+                raise TimeoutError
+            chunk = os.read(self._reply_read, 1 << 16)
+            if not chunk:
+                raise EOFError("no reply")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+
+class _ignored_os_errors:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, (OSError, subprocess.TimeoutExpired))
+
+
+def _kill_user(uid: int) -> None:
+    """As root, kill every process still running as a sandbox's own user (a helper switches to that user)."""
+    if os.geteuid() != 0 or not _has_processes(uid):
+        return
+    subprocess.run([sys.executable, "-I", "-c", f"import os,signal; os.setgid({uid}); os.setuid({uid}); "
+                    "os.kill(-1, signal.SIGKILL)"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
+                   check=False)
+
+
+def _has_processes(uid: int) -> bool:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as handle:
+                    for line in handle:
+                        if line.startswith("Uid:"):
+                            if int(line.split()[1]) == uid:
+                                return True
+                            break
+            except OSError:
+                continue
+    return False
