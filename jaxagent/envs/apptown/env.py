@@ -1,0 +1,87 @@
+"""The AppTown environment: an episode is a sandboxed interpreter holding the task's world.
+
+Each agent turn's ```python blocks run as one cell; the observation is what the cell printed (or its traceback).
+The episode ends when the agent calls `apis.supervisor.complete_task(...)`; the reward is the fraction of the task's
+unit tests that pass on the final state and answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from jaxagent.envs.apptown.tasks import make_task, score
+from jaxagent.envs.base import Message, Outcome, StepResult
+from jaxagent.envs.sandbox import Sandbox, SandboxLimits
+
+SYSTEM_PROMPT = (
+    "You are an agent in AppTown. Act by writing Python in a ```python block; each turn's code runs in one "
+    "persistent interpreter and you see what it prints. Reach the apps through `apis`, for example "
+    "apis.contacts.search(query='Ada Stone'). List an app's APIs with "
+    "apis.api_docs.show_api_descriptions(app_name='contacts'). When the task is done, call "
+    "apis.supervisor.complete_task(), with answer=... if the task asks a question."
+)
+NO_CODE = "No code found. Write Python inside a ```python block."
+_BLOCK = re.compile(r"```python\n(.*?)(?:```|$)", re.S)
+_WORLD = "__apptown_world"
+
+
+class AppTownEnv:
+    """One AppTown episode."""
+
+    def __init__(self, task_id: str, seed: int = 0, limits: SandboxLimits = SandboxLimits(cell_timeout_s=5.0,
+                                                                                          memory_mb=512)) -> None:
+        self.task_id, self.seed, self.limits = task_id, seed, limits
+        self.task = make_task(task_id)
+        self._sandbox: Sandbox | None = None
+
+    def reset(self) -> list[Message]:
+        """Start a fresh interpreter with the task's world; returns the system prompt and the task."""
+        self.close()
+        setup = (f"import json as _json\nfrom jaxagent.envs.apptown.world import World as _World\n"
+                 f"{_WORLD} = _World(_json.loads({json.dumps(json.dumps(self.task.state))}))\n"
+                 f"apis = {_WORLD}.apis\ndel _World, _json")
+        self._sandbox = Sandbox(self.limits, setup_code=setup)
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.task.instruction}]
+
+    def parse_action(self, text: str) -> str | None:
+        """The Python of every ```python block of the turn, joined into one cell (None if there is none)."""
+        blocks = [block.strip("\n") for block in _BLOCK.findall(text)]
+        code = "\n".join(block for block in blocks if block.strip())
+        return code or None
+
+    def step(self, text: str) -> StepResult:
+        """Run the turn's code; the episode ends when the task was marked complete."""
+        code = self.parse_action(text)
+        if code is None:
+            return StepResult(NO_CODE)
+        result = self._box().run(code)
+        observation = result.text or "(no output)"
+        final = self._state()
+        if final.get("completed"):
+            reward, info = score(self.task, final)
+            return StepResult(observation, done=True, reward=reward, info=info)
+        return StepResult(observation)
+
+    def evaluate(self) -> Outcome:
+        """Score the current state (the task is not complete, so at least that test fails)."""
+        return Outcome(*score(self.task, self._state()))
+
+    def close(self) -> None:
+        """Stop the interpreter."""
+        if self._sandbox is not None:
+            self._sandbox.close()
+            self._sandbox = None
+
+    def _box(self) -> Sandbox:
+        if self._sandbox is None:
+            raise RuntimeError("call reset() before step()")
+        return self._sandbox
+
+    def _state(self) -> dict:
+        reply = self._box().run(f"print({_WORLD}.dump())")
+        try:
+            return json.loads(reply.output)
+        except json.JSONDecodeError:
+            # The agent broke the world object itself; score the state it started from.
+            return {**self.task.state, "sent": [], "completed": False, "answer": None}
