@@ -108,13 +108,14 @@ def _sent_to(final: dict, phone: str) -> list[dict]:
 def unit_tests(task: Task) -> list[tuple[str, Check]]:
     """(name, check(final_state, target)) pairs; each check is True when the test passes."""
     completed: tuple[str, Check] = ("task completed", lambda s, t: bool(s["completed"]))
-    nothing_sent: tuple[str, Check] = ("no message sent", lambda s, t: not s["sent"])
-    no_transfer: tuple[str, Check] = ("no money moved", lambda s, t: not s["wallet"]["transactions"])
+    # Side effects are checked together with the answer, so doing nothing earns nothing beyond "completed".
+    untouched: Check = lambda s, t: not s["sent"] and not s["wallet"]["transactions"]  # noqa: E731
     if task.template in ("message", "reply"):
         return [
             ("message sent to the right person", lambda s, t: bool(_sent_to(s, t["phone"]))),
             ("message text is exact", lambda s, t: any(m["text"] == t["text"] for m in _sent_to(s, t["phone"]))),
-            ("nobody else messaged", lambda s, t: all(m["to"] == t["phone"] for m in s["sent"])),
+            ("only that person messaged", lambda s, t: bool(s["sent"]) and all(m["to"] == t["phone"]
+                                                                              for m in s["sent"])),
             completed,
         ]
     if task.template == "pay":
@@ -127,10 +128,11 @@ def unit_tests(task: Task) -> list[tuple[str, Check]]:
             completed,
         ]
     if task.template == "email":
-        return [("answer is the email", lambda s, t: str(s["answer"]).strip().lower() == t["email"]),
-                nothing_sent, no_transfer, completed]
-    return [("answer is the balance", lambda s, t: _as_number(s["answer"]) == t["balance"]), nothing_sent,
-            no_transfer, completed]
+        right = lambda s, t: str(s["answer"]).strip().lower() == t["email"]  # noqa: E731
+    else:
+        right = lambda s, t: _as_number(s["answer"]) == t["balance"]  # noqa: E731
+    return [("answer is right", right), ("answered without side effects", lambda s, t: right(s, t) and untouched(s, t)),
+            completed]
 
 
 def _as_number(value) -> float | None:

@@ -1,0 +1,254 @@
+"""ScienceWorld through the `scienceworld` package (its Java server runs in a JVM; Java >= 8 must be installed).
+
+Task ids are "<task name>/<variation>"; the splits are the package's own train/dev/test variations. The agent
+answers in ETO's format, "Thought: ...\\nAction: <action>", and the action is the text after the last "Action:".
+The reward is the maximum score seen in the episode / 100 (ETO's definition: a later failure does not erase
+progress). Episodes end when the game says so or at the task's step limit. The gold action sequences are the expert
+trajectories. JVMs are expensive (~0.7 s to start, hundreds of MB), so episodes borrow them from a `JvmPool`; a
+JVM that dies is replaced and the episode's actions are replayed on the new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import shutil
+import threading
+from functools import lru_cache
+from typing import Any
+
+from jaxagent.envs.base import EnvError, EnvSpec, Message, Outcome, StepResult
+
+log = logging.getLogger(__name__)
+
+SIMPLIFICATION = "easy"
+JVM_HEAP = "-Xmx768m"
+SYSTEM_PROMPT = (
+    "You are a scientist exploring a house with rooms, objects and substances, doing the experiment you are asked "
+    "to do. Each turn, think briefly, then give exactly one action, as:\nThought: <your reasoning>\n"
+    "Action: <one action>\nActions include: look around, inventory, go to LOCATION, open OBJ, close OBJ, "
+    "pick up OBJ, put OBJ in OBJ, move OBJ to OBJ, activate OBJ, deactivate OBJ, use OBJ on OBJ, pour OBJ in OBJ, "
+    "mix OBJ, focus on OBJ, look at OBJ, read OBJ, connect OBJ to OBJ, wait, wait1."
+)
+NO_ACTION = "No action found. End your reply with a line 'Action: <one action>'."
+
+
+def require_java() -> None:
+    """Fail with the command that installs Java when it is missing."""
+    if shutil.which("java") is None:
+        raise EnvError("ScienceWorld needs Java >= 8 and `java` is not on PATH; install it with "
+                       "`apt-get install -y default-jre-headless` (Debian/Ubuntu) or `brew install openjdk` (macOS)")
+
+
+def _new_jvm(step_limit: int = 100) -> Any:
+    require_java()
+    from scienceworld import ScienceWorldEnv
+
+    # The package starts Java without options; a bounded heap keeps a pool of JVMs within a laptop's memory.
+    previous = os.environ.get("JAVA_TOOL_OPTIONS")
+    os.environ["JAVA_TOOL_OPTIONS"] = f"{previous} {JVM_HEAP}" if previous else JVM_HEAP
+    try:
+        return ScienceWorldEnv("", envStepLimit=step_limit)
+    finally:
+        if previous is None:
+            os.environ.pop("JAVA_TOOL_OPTIONS", None)
+        else:
+            os.environ["JAVA_TOOL_OPTIONS"] = previous
+
+
+class JvmPool:
+    """Up to `capacity` ScienceWorld JVMs shared by episodes: acquire one for an episode, release it after."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._created = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> Any:
+        """An idle JVM, a new one while under capacity, or wait for one."""
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            create = self._created < self.capacity
+            if create:
+                self._created += 1
+        if create:
+            try:
+                return _new_jvm()
+            except BaseException:
+                with self._lock:
+                    self._created -= 1
+                raise
+        return self._idle.get()
+
+    def release(self, jvm: Any) -> None:
+        """Return a JVM for the next episode."""
+        self._idle.put(jvm)
+
+    def discard(self, jvm: Any) -> None:
+        """Drop a JVM that died (its slot becomes free)."""
+        try:
+            jvm.close()
+        except Exception:  # noqa: BLE001 - it is already broken
+            pass
+        with self._lock:
+            self._created -= 1
+
+    def close(self) -> None:
+        """Stop every idle JVM."""
+        while True:
+            try:
+                jvm = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            self.discard(jvm)
+
+
+@lru_cache(maxsize=1)
+def _variations() -> dict[str, dict[str, list[int]]]:
+    """{task name: {split: variations}}, read once from a JVM (the package decides the splits)."""
+    jvm = _new_jvm()
+    try:
+        table = {}
+        for name in jvm.get_task_names():
+            jvm.load(name, 0, SIMPLIFICATION)
+            table[name] = {"train": list(jvm.get_variations_train()), "dev": list(jvm.get_variations_dev()),
+                           "test": list(jvm.get_variations_test())}
+        return table
+    finally:
+        jvm.close()
+
+
+def split_tasks(split: str) -> list[str]:
+    """Every "<task>/<variation>" of a split."""
+    if split not in ("train", "dev", "test"):
+        raise EnvError(f"unknown ScienceWorld split {split!r}; valid: train, dev, test")
+    return [f"{name}/{v}" for name, splits in _variations().items() for v in splits[split]]
+
+
+def parse_task_id(task_id: str) -> tuple[str, int]:
+    """('boil', 3) from 'boil/3'."""
+    name, _, variation = task_id.rpartition("/")
+    if not name or not variation.isdigit():
+        raise EnvError(f"bad ScienceWorld task id {task_id!r}; expected '<task name>/<variation>', e.g. 'boil/0'")
+    return name, int(variation)
+
+
+@dataclasses.dataclass
+class _Episode:
+    jvm: Any
+    actions: list[str]
+    best_score: float
+    steps: int
+    step_limit: int
+    gold: list[str]
+
+
+class ScienceWorldEnv:
+    """One ScienceWorld episode (jaxagent's wrapper; the package's class of the same name is the game)."""
+
+    def __init__(self, task_id: str, seed: int = 0, pool: JvmPool | None = None, step_limit: int | None = None
+                 ) -> None:
+        self.task_id, self.seed = task_id, seed
+        self.task_name, self.variation = parse_task_id(task_id)
+        self._pool, self._own_pool = (pool, False) if pool is not None else (JvmPool(1), True)
+        self._step_limit = step_limit
+        self._episode: _Episode | None = None
+
+    def reset(self) -> list[Message]:
+        """Load the task variation; returns the instructions and the task with the first look around."""
+        self._release()
+        jvm = self._pool.acquire()
+        observation = self._load(jvm)
+        gold = list(jvm.get_gold_action_sequence())
+        limit = self._step_limit or max(20, 2 * len(gold))
+        self._episode = _Episode(jvm, [], 0.0, 0, limit, gold)
+        task = jvm.get_task_description()
+        return [{"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": f"{task}\n\n{observation}"}]
+
+    def parse_action(self, text: str) -> str | None:
+        """The text after the last 'Action:' (one line)."""
+        lines = [line for line in text.splitlines() if line.strip().lower().startswith("action:")]
+        if not lines:
+            return None
+        action = lines[-1].split(":", 1)[1].strip()
+        return action or None
+
+    def step(self, text: str) -> StepResult:
+        """Apply the turn's action; ends on the game's 'done', or at the step limit."""
+        episode = self._current()
+        episode.steps += 1
+        action = self.parse_action(text)
+        if action is None:
+            observation, done = NO_ACTION, False
+        else:
+            observation, done, score = self._act(action)
+            episode.best_score = max(episode.best_score, score)
+        if done or episode.steps >= episode.step_limit:
+            outcome = self.evaluate()
+            return StepResult(observation, done=True, reward=outcome.reward, info=outcome.info)
+        return StepResult(observation)
+
+    def evaluate(self) -> Outcome:
+        """Reward = best score seen / 100."""
+        episode = self._current()
+        reward = max(0.0, min(episode.best_score, 100.0)) / 100.0
+        return Outcome(reward, {"score": episode.best_score, "success": episode.best_score >= 100,
+                                "steps": episode.steps, "tests_passed": int(episode.best_score >= 100),
+                                "tests_total": 1})
+
+    def gold_turns(self) -> list[str]:
+        """The expert: the gold action sequence in the agent's format."""
+        return [f"Thought: The next step of the experiment is to {action}.\nAction: {action}"
+                for action in self._current().gold]
+
+    def close(self) -> None:
+        """Give the JVM back to the pool."""
+        self._release()
+        if self._own_pool:
+            self._pool.close()
+
+    # ---- internals ---------------------------------------------------------------------------------------------
+
+    def _load(self, jvm: Any) -> str:
+        jvm.load(self.task_name, self.variation, SIMPLIFICATION, generateGoldPath=True)
+        observation, _ = jvm.reset()
+        return observation
+
+    def _act(self, action: str) -> tuple[str, bool, float]:
+        episode = self._current()
+        for attempt in range(2):
+            try:
+                observation, _, done, info = episode.jvm.step(action)
+                episode.actions.append(action)
+                return observation, bool(done), float(info["score"])
+            except Exception as err:  # noqa: BLE001 - py4j raises many kinds when the JVM dies
+                if attempt:
+                    raise
+                log.warning("ScienceWorld JVM failed (%s); restarting it and replaying %d actions", err,
+                            len(episode.actions))
+                self._pool.discard(episode.jvm)
+                episode.jvm = self._pool.acquire()
+                self._load(episode.jvm)
+                for previous in episode.actions:
+                    episode.jvm.step(previous)
+        raise AssertionError("unreachable")
+
+    def _current(self) -> _Episode:
+        if self._episode is None:
+            raise RuntimeError("call reset() before step()")
+        return self._episode
+
+    def _release(self) -> None:
+        if self._episode is not None:
+            self._pool.release(self._episode.jvm)
+            self._episode = None
+
+
+SPEC = EnvSpec(name="scienceworld", make=ScienceWorldEnv, tasks=split_tasks)

@@ -1,0 +1,81 @@
+"""AppTown: the expert solves every task of every split; mistakes lower the reward; bad input is refused."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from jaxagent.envs.apptown import AppTownEnv
+from jaxagent.envs.apptown.tasks import SPLIT_SEEDS, TEMPLATES, expert_turns, make_task, split_tasks
+from jaxagent.envs.base import EnvError, list_tasks, make_env
+
+
+def _play(env: AppTownEnv, turns: list[str]) -> float:
+    env.reset()
+    try:
+        for turn in turns:
+            result = env.step(turn)
+            if result.done:
+                return result.reward
+        return env.evaluate().reward
+    finally:
+        env.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", list(SPLIT_SEEDS))
+def test_the_expert_without_mistakes_solves_every_task(split):
+    def reward_of(task_id: str) -> tuple[str, float]:
+        env = AppTownEnv(task_id)
+        return task_id, _play(env, expert_turns(env.task, 0.0))
+
+    with ThreadPoolExecutor(8) as pool:  # episodes wait on their sandboxes, so threads overlap them
+        rewards = dict(pool.map(reward_of, split_tasks(split)))
+    assert len(rewards) == len(split_tasks(split))
+    assert {t: r for t, r in rewards.items() if r != 1.0} == {}
+
+
+def test_reward_falls_as_the_mistake_rate_rises():
+    tasks = split_tasks("dev")[:40]
+    means = []
+    for rate in (0.0, 0.4, 0.8):
+        rewards = [_play(AppTownEnv(t), expert_turns(make_task(t), rate, random.Random(i))) for i, t in
+                   enumerate(tasks)]
+        means.append(sum(rewards) / len(rewards))
+    assert means[0] == 1.0 and means[0] > means[1] > means[2], means
+
+
+def test_tasks_need_a_look_up_and_cannot_be_guessed():
+    task = make_task("message/5")
+    env = AppTownEnv("message/5")
+    env.reset()
+    guessed = env.step("```python\napis.messages.send(to='555-0000', text='hi')\n```")
+    assert "no phone number '555-0000'" in guessed.observation and not guessed.done
+    done = env.step("```python\napis.supervisor.complete_task()\n```")
+    assert done.done and done.reward == 0.25 and done.info["tests_passed"] == 1  # only "completed" passes
+    env.close()
+    assert task.target["phone"] in {c["phone"] for c in task.state["contacts"]}
+
+
+def test_turn_without_code_and_unterminated_block():
+    env = AppTownEnv("balance/1")
+    env.reset()
+    assert "No code found" in env.step("I am thinking.").observation
+    assert env.parse_action("```python\nprint(1)") == "print(1)"
+    result = env.step("```python\nprint(apis.wallet.balance())")
+    assert float(result.observation) == make_task("balance/1").state["wallet"]["balance"]
+    env.close()
+
+
+def test_splits_are_disjoint_and_named():
+    train, dev, test = (set(list_tasks("apptown", s)) for s in ("train", "dev", "test"))
+    assert len(train) == 200 * len(TEMPLATES) and len(test) == 40 * len(TEMPLATES)
+    assert not (train & dev) and not (train & test) and not (dev & test)
+    with pytest.raises(EnvError, match="has no split 'valid'; valid: train, dev, test"):
+        list_tasks("apptown", "valid")
+    with pytest.raises(EnvError, match="unknown environment 'webshop'; valid: apptown, scienceworld"):
+        make_env("webshop", "x/1")
+    with pytest.raises(ValueError, match="unknown AppTown task 'send/1'"):
+        make_env("apptown", "send/1")
