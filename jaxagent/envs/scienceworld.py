@@ -3,7 +3,8 @@
 Task ids are "<task name>/<variation>"; the splits are the package's own train/dev/test variations. The agent
 answers in ETO's format, "Thought: ...\\nAction: <action>", and the action is the text after the last "Action:".
 The reward is the maximum score seen in the episode / 100 (ETO's definition: a later failure does not erase
-progress). Episodes end when the game says so or at the task's step limit. The gold action sequences are the expert
+progress). Episodes end when the game says so or at the step limit (50, or twice the gold path when the expert is
+used). The gold action sequences are the expert
 trajectories. JVMs are expensive (~0.7 s to start, hundreds of MB), so episodes borrow them from a `JvmPool`; a
 JVM that dies is replaced and the episode's actions are replayed on the new one.
 """
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SIMPLIFICATION = "easy"
 JVM_HEAP = "-Xmx768m"
+DEFAULT_STEP_LIMIT = 50  # actions per episode unless the task's gold path asks for more
 SYSTEM_PROMPT = (
     "You are a scientist exploring a house with rooms, objects and substances, doing the experiment you are asked "
     "to do. Each turn, think briefly, then give exactly one action, as:\nThought: <your reasoning>\n"
@@ -61,8 +63,8 @@ def _new_jvm(step_limit: int = 100) -> Any:
 class JvmPool:
     """Up to `capacity` ScienceWorld JVMs shared by episodes: acquire one for an episode, release it after."""
 
-    def __init__(self, capacity: int = 4) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int = 4, wait_s: float = 30.0) -> None:
+        self.capacity, self.wait_s = capacity, wait_s
         self._idle: queue.LifoQueue = queue.LifoQueue()
         self._created = 0
         self._lock = threading.Lock()
@@ -84,7 +86,11 @@ class JvmPool:
                 with self._lock:
                     self._created -= 1
                 raise
-        return self._idle.get()
+        try:
+            return self._idle.get(timeout=self.wait_s)
+        except queue.Empty:
+            raise EnvError(f"no ScienceWorld JVM free after {self.wait_s:g} s: {self.capacity} are in use; run at most "
+                           f"{self.capacity} episodes at once (rollout.max_concurrent) or enlarge the pool") from None
 
     def release(self, jvm: Any) -> None:
         """Return a JVM for the next episode."""
@@ -146,7 +152,7 @@ class _Episode:
     best_score: float
     steps: int
     step_limit: int
-    gold: list[str]
+    gold: list[str] | None
 
 
 class ScienceWorldEnv:
@@ -165,9 +171,7 @@ class ScienceWorldEnv:
         self._release()
         jvm = self._pool.acquire()
         observation = self._load(jvm)
-        gold = list(jvm.get_gold_action_sequence())
-        limit = self._step_limit or max(20, 2 * len(gold))
-        self._episode = _Episode(jvm, [], 0.0, 0, limit, gold)
+        self._episode = _Episode(jvm, [], 0.0, 0, self._step_limit or DEFAULT_STEP_LIMIT, None)
         task = jvm.get_task_description()
         return [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": f"{task}\n\n{observation}"}]
@@ -204,9 +208,18 @@ class ScienceWorldEnv:
                                 "tests_total": 1})
 
     def gold_turns(self) -> list[str]:
-        """The expert: the gold action sequence in the agent's format."""
+        """The expert: the gold action sequence in the agent's format (call right after `reset`)."""
+        episode = self._current()
+        if episode.gold is None:
+            if episode.actions:
+                raise RuntimeError("gold_turns() must be called before the first step")
+            # Generating the gold path makes loading slower, so it happens only when the expert is asked for.
+            self._load(episode.jvm, gold=True)
+            episode.gold = list(episode.jvm.get_gold_action_sequence())
+            if self._step_limit is None:
+                episode.step_limit = max(DEFAULT_STEP_LIMIT, 2 * len(episode.gold))
         return [f"Thought: The next step of the experiment is to {action}.\nAction: {action}"
-                for action in self._current().gold]
+                for action in episode.gold]
 
     def close(self) -> None:
         """Give the JVM back to the pool."""
@@ -216,8 +229,8 @@ class ScienceWorldEnv:
 
     # ---- internals ---------------------------------------------------------------------------------------------
 
-    def _load(self, jvm: Any) -> str:
-        jvm.load(self.task_name, self.variation, SIMPLIFICATION, generateGoldPath=True)
+    def _load(self, jvm: Any, gold: bool = False) -> str:
+        jvm.load(self.task_name, self.variation, SIMPLIFICATION, generateGoldPath=gold)
         observation, _ = jvm.reset()
         return observation
 

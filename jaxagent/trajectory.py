@@ -1,0 +1,93 @@
+"""The record that flows from rollout to update, and its padding into fixed-shape arrays.
+
+A trajectory holds the exact ids the model saw and produced (never re-tokenized), a mask that is 1 on the tokens
+the policy sampled, their log-probs at sampling time, the agent-turn number of each sampled token, the reward in
+[0, 1], which task group and rollout it is, and info (tests passed/total, success, turns, termination reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+    """One episode, token-in/token-out."""
+
+    token_ids: np.ndarray  # [T] int32
+    model_mask: np.ndarray  # [T] int8: 1 on sampled tokens (content and end-of-turn token of agent turns)
+    sample_logprobs: np.ndarray  # [T] float32: log π(token) at sampling time; 0 where model_mask is 0
+    turn_index: np.ndarray  # [T] int32: agent turn of each sampled token (0, 1, ...); -1 elsewhere
+    reward: float
+    group_id: int
+    rollout_index: int
+    task_id: str
+    info: dict
+    messages: tuple[dict, ...] = ()  # the conversation as text (for logs and behaviour statistics)
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        if not (len(self.model_mask) == len(self.sample_logprobs) == len(self.turn_index) == n):
+            raise ValueError("token_ids, model_mask, sample_logprobs and turn_index must have the same length")
+        if not 0.0 <= self.reward <= 1.0:
+            raise ValueError(f"reward {self.reward} outside [0, 1]")
+
+    @property
+    def termination(self) -> str:
+        """Why the episode ended (see jaxagent.envs.base)."""
+        return self.info.get("termination", "")
+
+    @property
+    def num_turns(self) -> int:
+        """Agent turns taken."""
+        return int(self.turn_index.max()) + 1 if (self.turn_index >= 0).any() else 0
+
+
+def turn_indices(model_mask: np.ndarray) -> np.ndarray:
+    """Number each contiguous run of sampled tokens as one agent turn; -1 on other tokens."""
+    mask = np.asarray(model_mask).astype(bool)
+    starts = mask & ~np.concatenate([[False], mask[:-1]])
+    return np.where(mask, np.cumsum(starts) - 1, -1).astype(np.int32)
+
+
+def round_up(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n (the last bucket's multiples beyond it)."""
+    for size in buckets:
+        if size >= n:
+            return size
+    step = buckets[-1]
+    return -(-n // step) * step
+
+
+def pad_trajectories(trajectories: Sequence[Trajectory], length_buckets: Sequence[int] = (256, 512, 1024, 2048, 4096,
+                                                                                          8192, 16384, 32768),
+                     rows: int | None = None) -> dict[str, np.ndarray]:
+    """Right-padded [N, T] arrays (T rounded up to a bucket; N to `rows` if given, padding rows weigh 0)."""
+    length = round_up(max(len(t.token_ids) for t in trajectories), length_buckets)
+    count = rows or len(trajectories)
+    if count < len(trajectories):
+        raise ValueError(f"rows={rows} is fewer than the {len(trajectories)} trajectories")
+    out = {
+        "tokens": np.zeros((count, length), np.int32),
+        "segment_ids": np.zeros((count, length), np.int32),
+        "model_mask": np.zeros((count, length), np.int32),
+        "sample_logprobs": np.zeros((count, length), np.float32),
+        "turn_index": np.full((count, length), -1, np.int32),
+        "reward": np.zeros(count, np.float32),
+        "group_id": np.zeros(count, np.int32),
+        "valid": np.zeros(count, np.float32),
+    }
+    for i, t in enumerate(trajectories):
+        n = len(t.token_ids)
+        out["tokens"][i, :n] = t.token_ids
+        out["segment_ids"][i, :n] = 1
+        out["model_mask"][i, :n] = t.model_mask
+        out["sample_logprobs"][i, :n] = t.sample_logprobs
+        out["turn_index"][i, :n] = t.turn_index
+        out["reward"][i] = t.reward
+        out["group_id"][i] = t.group_id
+        out["valid"][i] = 1.0
+    return out
