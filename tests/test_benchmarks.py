@@ -29,3 +29,13 @@ def test_update_benchmark_reports_throughput_mfu_and_memory():
     for key in ("jaxagent_tokens_per_s", "torch_tokens_per_s", "ratio", "mfu_vs_190_gflops",
                 "loop_over_sft_peak_memory"):
         assert report[key] > 0, key
+
+
+@pytest.mark.slow
+def test_rollout_benchmark_reports_hidden_environment_time():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.rollout", "--latency", "0.05", "--tasks", "4",
+                           "--rollouts", "2", "--turns", "2", "--tokens-per-turn", "16"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["episodes"] == 8 and report["env_seconds_total"] > 0 and report["hidden_fraction"] is not None
