@@ -17,7 +17,7 @@ def test_readme_opens_with_make_run_and_make_test():
 def test_readme_python_examples_run(capsys):
     shutil.rmtree("/tmp/jaxagent-readme", ignore_errors=True)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) >= 5
+    assert len(blocks) >= 6
     namespace: dict = {}  # one session, as a reader pasting the blocks in order would have
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
