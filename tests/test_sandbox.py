@@ -125,3 +125,4 @@ def test_close_removes_the_scratch_directory():
     box.run("open('f.txt', 'w').write('x')")
     box.close()
     assert not os.path.exists(scratch)
+

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from jaxagent.envs.sandbox_worker import tasks_of
+
 log = logging.getLogger(__name__)
 
 
@@ -60,8 +62,9 @@ class Sandbox:
     """One episode's interpreter."""
 
     def __init__(self, limits: SandboxLimits = SandboxLimits(), setup_code: str = "",
-                 scratch_root: str | None = None) -> None:
-        self.limits, self.setup_code, self.scratch_root = limits, setup_code, scratch_root
+                 scratch_root: str | None = None, preload: tuple[str, ...] = ()) -> None:
+        """`setup_code` runs in every new interpreter; `preload` names modules it imports, loaded before isolation."""
+        self.limits, self.setup_code, self.scratch_root, self.preload = limits, setup_code, scratch_root, preload
         self.isolation = ""
         self.restarts = 0
         self._process: subprocess.Popen | None = None
@@ -105,7 +108,7 @@ class Sandbox:
         self._reply_read, reply_write = os.pipe()
         config = {"memory_mb": self.limits.memory_mb, "max_processes": self.limits.max_processes,
                   "max_file_mb": self.limits.max_file_mb, "max_output_chars": self.limits.max_output_chars,
-                  "recursion_limit": self.limits.recursion_limit}
+                  "recursion_limit": self.limits.recursion_limit, "preload": list(self.preload)}
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.scratch, "TMPDIR": self.scratch,
                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
         self._process = subprocess.Popen(
@@ -198,23 +201,8 @@ class _ignored_os_errors:
 
 def _kill_user(uid: int) -> None:
     """As root, kill every process still running as a sandbox's own user (a helper switches to that user)."""
-    if os.geteuid() != 0 or not _has_processes(uid):
+    if os.geteuid() != 0 or not tasks_of(uid):
         return
     subprocess.run([sys.executable, "-I", "-c", f"import os,signal; os.setgid({uid}); os.setuid({uid}); "
                     "os.kill(-1, signal.SIGKILL)"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
                    check=False)
-
-
-def _has_processes(uid: int) -> bool:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/status") as handle:
-                    for line in handle:
-                        if line.startswith("Uid:"):
-                            if int(line.split()[1]) == uid:
-                                return True
-                            break
-            except OSError:
-                continue
-    return False

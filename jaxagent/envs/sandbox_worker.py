@@ -212,6 +212,10 @@ def main() -> None:
     requests = os.fdopen(request_fd, "r", encoding="utf-8")
     replies = os.fdopen(reply_fd, "w", encoding="utf-8")
     my_pid = os.getpid()
+    # Modules the setup code needs are imported while their files are still readable: after the switch to the
+    # sandbox's own user, a checkout in a private directory (e.g. mktemp -d) could no longer be entered.
+    for module in config.get("preload", ()):
+        __import__(module)
     # As root the sandbox becomes a user of its own (counted from 1); otherwise it shares the trainer's user.
     tasks_already = 1 if os.geteuid() == 0 else tasks_of(os.getuid())
     try:

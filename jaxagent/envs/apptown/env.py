@@ -41,7 +41,7 @@ class AppTownEnv:
         setup = (f"import json as _json\nfrom jaxagent.envs.apptown.world import World as _World\n"
                  f"{_WORLD} = _World(_json.loads({json.dumps(json.dumps(self.task.state))}))\n"
                  f"apis = {_WORLD}.apis\ndel _World, _json")
-        self._sandbox = Sandbox(self.limits, setup_code=setup)
+        self._sandbox = Sandbox(self.limits, setup_code=setup, preload=("jaxagent.envs.apptown.world",))
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.task.instruction}]
 
     def parse_action(self, text: str) -> str | None:
