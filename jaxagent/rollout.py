@@ -298,7 +298,7 @@ class _Engine:
         if batch is None:
             if not prompts:
                 return None
-            # Rows whose environment is still starting hold a one-token placeholder until they are refilled.
+            # Rows whose environment is still starting hold a one-token stand-in until they are refilled.
             ordered = [prompts.get(row, [0]) for row in range(len(rows))]
             return self.sampler.start(self.params, ordered, self.lora_params)
         if prompts:

@@ -153,7 +153,7 @@ def score(task: Task, final: dict) -> tuple[float, dict]:
 
 # ---- the scripted expert ------------------------------------------------------------------------------------------
 
-MISTAKES = ("skip_docs", "wrong_api", "placeholder", "give_up")
+MISTAKES = ("skip_docs", "wrong_api", "dummy_value", "give_up")
 
 
 def _turn(thought: str, code: str) -> str:
@@ -164,7 +164,7 @@ def expert_turns(task: Task, mistake_rate: float = 0.0, rng: random.Random | Non
     """The expert's turns for `task`; each mistake kind happens with probability `mistake_rate`.
 
     Mistakes: skip the doc look-up; call an API that does not exist (then correct it next turn); use a
-    placeholder value instead of the looked-up one; give up after an error and complete the task unsolved.
+    made-up (dummy) value instead of the looked-up one; give up after an error and complete the task unsolved.
     """
     rng = rng or random.Random(0)
     mistakes = {kind for kind in MISTAKES if rng.random() < mistake_rate}
@@ -182,7 +182,7 @@ def expert_turns(task: Task, mistake_rate: float = 0.0, rng: random.Random | Non
         if "give_up" in mistakes:
             turns.append(_turn("That failed, so I stop here.", "apis.supervisor.complete_task()"))
             return turns
-    placeholder = "placeholder" in mistakes
+    dummy = "dummy_value" in mistakes
     if task.template in ("message", "pay", "email"):
         turns.append(_turn(f"I find {t['name']} in my contacts.",
                            f"matches = apis.contacts.search(query='{t['name']}')\nprint(matches)"))
@@ -191,25 +191,25 @@ def expert_turns(task: Task, mistake_rate: float = 0.0, rng: random.Random | Non
                            f"messages = [m for m in apis.messages.inbox() if m['from'] == '{t['name']}']\n"
                            "print(messages)"))
     if task.template == "message":
-        phone = "'555-0000'" if placeholder else "matches[0]['phone']"
+        phone = "'555-0000'" if dummy else "matches[0]['phone']"
         code = (f"apis.messages.send(to={phone}, text='{t['text']}')\nprint(apis.messages.sent())\n"
                 "apis.supervisor.complete_task()")
         turns.append(_turn("I send the message, check it went out, and finish.", code))
     elif task.template == "reply":
-        text = "dummy" if placeholder else t["text"]
+        text = "dummy" if dummy else t["text"]
         code = (f"apis.messages.send(to=messages[-1]['phone'], text='{text}')\nprint(apis.messages.sent())\n"
                 "apis.supervisor.complete_task()")
         turns.append(_turn("I reply, check it went out, and finish.", code))
     elif task.template == "pay":
-        amount = "1.0" if placeholder else f"{t['amount']:g}"
+        amount = "1.0" if dummy else f"{t['amount']:g}"
         code = (f"apis.wallet.transfer(to=matches[0]['phone'], amount={amount})\n"
                 "print(apis.wallet.balance())\napis.supervisor.complete_task()")
         turns.append(_turn("I send the money, check my balance, and finish.", code))
     elif task.template == "email":
-        answer = "'dummy@mail.town'" if placeholder else "matches[0]['email']"
+        answer = "'dummy@mail.town'" if dummy else "matches[0]['email']"
         turns.append(_turn("I answer with the email address.", f"apis.supervisor.complete_task(answer={answer})"))
     else:
-        if placeholder:
+        if dummy:
             code = "apis.supervisor.complete_task(answer=100)"
         else:
             code = "balance = apis.wallet.balance()\nprint(balance)\napis.supervisor.complete_task(answer=balance)"
