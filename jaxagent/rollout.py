@@ -57,6 +57,9 @@ class RolloutConfig:
     env_timeout_s: float = 120.0
     early_stop_fraction: float = 0.0  # LOOP: 0.9 -- end the round when this fraction is done ...
     early_stop_min_per_task: int = 0  # ... and every task has at least this many finished rollouts (LOOP: 4)
+    # Wait for every environment step before decoding again: slower, but the round no longer depends on how fast
+    # each environment answered, so a run (and a run resumed from a checkpoint) repeats exactly.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_tokens_per_turn", "max_context", "max_observation_tokens", "decode_chunk",
@@ -219,7 +222,10 @@ class _Engine:
         prompts: dict[int, list[int]] = {}
         chunks: dict[int, list[int]] = {}
         waiting = [e for e in rows if e is not None and e.job is not None]
-        if block and waiting:
+        if waiting and self.config.deterministic:
+            latest = max(e.job_deadline for e in waiting)
+            _wait_all([e.job for e in waiting], max(0.0, latest - time.monotonic()))
+        elif block and waiting:
             earliest = min(e.job_deadline for e in waiting)
             _wait_any([e.job for e in waiting], max(0.0, earliest - time.monotonic()))
         for episode in waiting:
