@@ -86,6 +86,10 @@ def registry() -> dict[str, EnvSpec]:
 def get_spec(name: str) -> EnvSpec:
     """The environment called `name`."""
     specs = registry()
+    if name == "appworld" and name not in specs:
+        raise EnvError("environment 'appworld' is not available in this jaxagent yet: the served AppWorld package "
+                       "(its own virtualenv, `appworld serve environment`) is still being integrated; until then "
+                       "use env.name=apptown (built in) or env.name=scienceworld")
     if name not in specs:
         raise EnvError(f"unknown environment {name!r}; valid: {', '.join(sorted(specs))}")
     return specs[name]

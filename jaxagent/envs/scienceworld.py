@@ -221,6 +221,12 @@ class ScienceWorldEnv:
         return [f"Thought: The next step of the experiment is to {action}.\nAction: {action}"
                 for action in episode.gold]
 
+    def expert_turns(self, mistake_rate: float = 0.0, rng=None) -> list[str]:
+        """The expert for behaviour cloning: the gold turns (this environment has no mistake model)."""
+        if mistake_rate:
+            raise EnvError(f"sft.mistake_rate={mistake_rate}: the ScienceWorld expert has no mistake model; use 0")
+        return self.gold_turns()
+
     def close(self) -> None:
         """Give the JVM back to the pool."""
         self._release()

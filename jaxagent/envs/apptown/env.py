@@ -8,9 +8,10 @@ unit tests that pass on the final state and answer.
 from __future__ import annotations
 
 import json
+import random
 import re
 
-from jaxagent.envs.apptown.tasks import make_task, score
+from jaxagent.envs.apptown.tasks import expert_turns, make_task, score
 from jaxagent.envs.base import Message, Outcome, StepResult
 from jaxagent.envs.sandbox import Sandbox, SandboxLimits
 
@@ -62,6 +63,10 @@ class AppTownEnv:
             reward, info = score(self.task, final)
             return StepResult(observation, done=True, reward=reward, info=info)
         return StepResult(observation)
+
+    def expert_turns(self, mistake_rate: float = 0.0, rng: random.Random | None = None) -> list[str]:
+        """The scripted expert's turns for this task (with mistakes of each kind at `mistake_rate`)."""
+        return expert_turns(self.task, mistake_rate, rng)
 
     def evaluate(self) -> Outcome:
         """Score the current state (the task is not complete, so at least that test fails)."""

@@ -1,6 +1,9 @@
 """AppTown tasks: worlds and instructions generated from a template and a seed, their unit tests, and a scripted
 expert that solves them (or makes realistic mistakes at a given rate).
 
+Instructions quote names and texts as the Python code writes them ('Ada Stone'), so a model copies the same tokens
+from the task into its code: a tiny model trained from scratch on a CPU learns that in minutes.
+
 A task id is "<template>/<seed>". Splits use disjoint seed ranges. A task's unit tests read the final world state and
 the answer given to `complete_task`; the reward is the fraction that pass.
 """
@@ -75,15 +78,15 @@ def make_task(task_id: str) -> Task:
     person = rng.choice(state["contacts"])
     if template == "message":
         text = rng.choice(PHRASES)
-        instruction = f'Send a text message to {person["name"]} saying "{text}".'
+        instruction = f"Send a text message to '{person['name']}' saying '{text}'."
         target = {"name": person["name"], "phone": person["phone"], "text": text}
     elif template == "pay":
         amount = float(rng.randrange(5, 60))
-        instruction = f"Send ${amount:g} to {person['name']} from your wallet."
+        instruction = f"Send ${amount:g} to '{person['name']}' from your wallet."
         target = {"name": person["name"], "phone": person["phone"], "amount": amount,
                   "balance": state["wallet"]["balance"]}
     elif template == "email":
-        instruction = f"What is {person['name']}'s email address? Answer with the address."
+        instruction = f"What is the email address of '{person['name']}'? Answer with the address."
         target = {"name": person["name"], "email": person["email"]}
     elif template == "balance":
         instruction = "How much money is in your wallet? Answer with the number of dollars."
@@ -91,7 +94,7 @@ def make_task(task_id: str) -> Task:
     else:
         sender = state["inbox"][-1] if rng.random() < 0.5 else rng.choice(state["inbox"])
         text = rng.choice(PHRASES)
-        instruction = f'Reply to the message from {sender["from"]} with "{text}".'
+        instruction = f"Reply to the message from '{sender['from']}' with '{text}'."
         target = {"name": sender["from"], "phone": sender["phone"], "text": text}
     return Task(task_id, template, instruction, state, target)
 
@@ -184,10 +187,10 @@ def expert_turns(task: Task, mistake_rate: float = 0.0, rng: random.Random | Non
             return turns
     dummy = "dummy_value" in mistakes
     if task.template in ("message", "pay", "email"):
-        turns.append(_turn(f"I find {t['name']} in my contacts.",
+        turns.append(_turn(f"I find '{t['name']}' in my contacts.",
                            f"matches = apis.contacts.search(query='{t['name']}')\nprint(matches)"))
     elif task.template == "reply":
-        turns.append(_turn(f"I find the message from {t['name']}.",
+        turns.append(_turn(f"I find the message from '{t['name']}'.",
                            f"messages = [m for m in apis.messages.inbox() if m['from'] == '{t['name']}']\n"
                            "print(messages)"))
     if task.template == "message":
