@@ -1,0 +1,376 @@
+"""Training configurations: YAML files in `configs/`, dotted command-line overrides, typed frozen dataclasses.
+
+    python -m jaxagent.train --config tiny loop.rollouts_per_task=4 optim.lr=1e-5
+
+A file may name another with `base: NAME` and change only what differs. Every key is checked against the
+dataclasses below: an unknown key, a value of the wrong type or an impossible combination raises ConfigError, whose
+one-line message names the key and what would be valid. The resolved configuration is written to the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from jaxagent.models.lora import VALID_TARGETS
+from jaxagent.rollout import RolloutConfig
+from jaxagent.update import OptimConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny"
+RL_STAGES = ("loop", "grpo", "rloo", "ppo", "reinforce", "ei")
+STAGES = ("sft",) + RL_STAGES
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what is valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The policy: a Hugging Face folder, or (no folder) a decoder initialised from scratch with these shapes."""
+
+    path: str = ""  # Hugging Face model folder (config.json, safetensors, tokenizer)
+    path_env: str = ""  # environment variable that holds the folder when `path` is empty
+    family: str = "qwen2"
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"
+    vocab_size: int = 1024  # of the tokenizer trained locally for a model from scratch
+    tokenizer_demos: int = 200  # expert episodes whose text trains that tokenizer
+
+    @property
+    def from_scratch(self) -> bool:
+        return not self.path and not self.path_env
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA adapters (LOOP: r=16, alpha=32 on attention and MLP projections); off trains every parameter."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = VALID_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSection:
+    """Which environment and which of its splits train and evaluate."""
+
+    name: str = "apptown"
+    train_split: str = "train"
+    eval_split: str = "test"
+    options: dict = dataclasses.field(default_factory=dict)  # passed to the environment's constructor
+
+
+@dataclasses.dataclass(frozen=True)
+class SftSection:
+    """Behaviour cloning on expert trajectories: the environment's expert, or a JSONL file of conversations."""
+
+    data: str = "expert"  # "expert", or a path to a JSONL file with one {"messages": [...]} per line
+    demos: int = 400  # expert episodes (one per training task, cycling)
+    mistake_rate: float = 0.0  # the expert's rate of each mistake kind (mixed-quality demonstrations)
+    epochs: int = 3
+    batch_size: int = 16
+    per: str = "token"  # loss mean over all model tokens ("token") or per trajectory first ("trajectory")
+    log_every: int = 10  # steps per metrics record
+    checkpoint_every: int = 50  # steps per checkpoint
+    optim: OptimConfig = OptimConfig(lr=1e-3, weight_decay=0.0, max_grad_norm=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSection:
+    """An RL stage (`loop` and its siblings): tasks, rollouts, advantages, filter, epochs of minibatch updates."""
+
+    iterations: int = 200
+    tasks_per_iteration: int = 40
+    rollouts_per_task: int = 6
+    epochs: int = 2
+    minibatch_size: int = 32
+    micro_batches: int = 1
+    min_abs_advantage: float = 0.01  # rollouts with |A| below this are dropped (loop, rloo, grpo)
+    epsilon: float = 0.1
+    clip: str = "asymmetric"
+    ratio_level: str = "token"  # loop: token; ablations: turn, trajectory ("bandit")
+    kl_coef: float = 0.0
+    value_coef: float = 0.1  # ppo: value-loss weight, decayed linearly to value_coef_end
+    value_coef_end: float = 0.001
+    critic_warmup_iterations: int = 10  # ppo: iterations that train only the value head
+    ei_filter: str = "best_of_group"  # ei: which rollouts to imitate (best_of_group | success)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Held-out evaluation: every `every` iterations of an RL stage, and at the end of every stage."""
+
+    every: int = 10
+    split: str = ""  # empty: env.eval_split
+    tasks: int = 0  # 0: every task of the split
+    rollouts_per_task: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """Train-state checkpoints (orbax) every `every` iterations and at the end of each stage; the last `keep` stay."""
+
+    every: int = 5
+    keep: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole run."""
+
+    name: str = "run"
+    run_dir: str = ""  # empty: runs/<name>
+    seed: int = 0
+    stages: tuple[str, ...] = ("sft", "loop")
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    env: EnvSection = EnvSection()
+    rollout: RolloutConfig = RolloutConfig()
+    sft: SftSection = SftSection()
+    loop: LoopSection = LoopSection()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalSection = EvalSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    progress: bool = True  # progress bars on the terminal
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+def config_path(name_or_path: str) -> Path:
+    """A config file from a name in configs/ (`tiny`) or a path (`my.yaml`)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown config {name_or_path!r}; valid names: {', '.join(available_configs())} "
+                          "(or a path to a .yaml file)")
+    return candidate
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_raw(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The file's mapping merged over its `base` chain (nested mappings merge key by key)."""
+    path = config_path(name_or_path)
+    if str(path.resolve()) in _seen:
+        raise ConfigError(f"config {str(path)!r} names itself as a base (cycle: {' -> '.join(_seen)})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return merge(load_raw(str(base), _seen + (str(path.resolve()),)), raw)
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """`a.b=value` items set nested keys; values are YAML (`1e-5`, `true`, `[sft, loop]`)."""
+    out = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-5)")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else ({} if child is None else child)
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Dataclass `cls` from a mapping, checking every key and type."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [key for key in raw if key not in fields]
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + str(unknown[0])!r}; valid keys of {where}: {', '.join(fields)}")
+    values = {key: _coerce(hints[key], value, prefix + key) for key, value in raw.items()}
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, key + ".")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 1e-5 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = typing.get_args(kind)[0]
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if kind is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        return value
+    raise ConfigError(f"{key}: unsupported type {kind}")
+
+
+def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The validated configuration of a file plus command-line overrides."""
+    raw = apply_overrides(load_raw(name_or_path), overrides)
+    raw.setdefault("name", Path(name_or_path).stem)
+    config = build(TrainConfig, raw)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Combinations that cannot run."""
+    if not config.stages:
+        raise ConfigError(f"stages is empty; list one or more of: {', '.join(STAGES)}")
+    for stage in config.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"stages: unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    if len(set(config.stages)) != len(config.stages):
+        raise ConfigError(f"stages={list(config.stages)} names a stage twice; each stage appears once")
+    loop = config.loop
+    for key in ("iterations", "tasks_per_iteration", "rollouts_per_task", "epochs", "minibatch_size",
+                "micro_batches"):
+        if getattr(loop, key) < 1:
+            raise ConfigError(f"loop.{key}={getattr(loop, key)} must be >= 1")
+    rl = [s for s in config.stages if s != "sft"]
+    if any(s in ("loop", "rloo", "grpo", "ppo") for s in rl) and loop.rollouts_per_task < 2:
+        raise ConfigError(f"loop.rollouts_per_task={loop.rollouts_per_task}: {rl[0]} compares rollouts of the same "
+                          "task, so it needs at least 2")
+    if loop.minibatch_size % loop.micro_batches:
+        raise ConfigError(f"loop.minibatch_size={loop.minibatch_size} is not a multiple of "
+                          f"loop.micro_batches={loop.micro_batches}")
+    if loop.ratio_level not in ("token", "turn", "trajectory", "none"):
+        raise ConfigError(f"loop.ratio_level={loop.ratio_level!r}; valid: token, turn, trajectory, none")
+    if loop.clip not in ("asymmetric", "symmetric"):
+        raise ConfigError(f"loop.clip={loop.clip!r}; valid: asymmetric, symmetric")
+    if loop.ei_filter not in ("best_of_group", "success"):
+        raise ConfigError(f"loop.ei_filter={loop.ei_filter!r}; valid: best_of_group, success")
+    if config.sft.per not in ("token", "trajectory"):
+        raise ConfigError(f"sft.per={config.sft.per!r}; valid: token, trajectory")
+    for key in ("epochs", "batch_size", "demos", "log_every", "checkpoint_every"):
+        if getattr(config.sft, key) < 1:
+            raise ConfigError(f"sft.{key}={getattr(config.sft, key)} must be >= 1")
+    if not 0.0 <= config.sft.mistake_rate <= 1.0:
+        raise ConfigError(f"sft.mistake_rate={config.sft.mistake_rate} must be in [0, 1]")
+    if "sft" in config.stages and config.stages[0] != "sft":
+        raise ConfigError(f"stages={list(config.stages)}: sft must come first (RL stages start from its policy)")
+    if config.model.from_scratch and config.lora.enabled:
+        raise ConfigError("lora.enabled=true with a model from scratch: adapters on random weights learn nothing; "
+                          "set model.path (or model.path_env) or lora.enabled=false")
+    if config.model.from_scratch and config.env.name == "appworld":
+        raise ConfigError("env.name=appworld needs a pretrained model: set model.path or model.path_env")
+    if config.eval.every < 1 or config.checkpoint.every < 1 or config.checkpoint.keep < 1:
+        raise ConfigError("eval.every, checkpoint.every and checkpoint.keep must be >= 1")
+    if config.eval.rollouts_per_task < 1 or config.eval.tasks < 0:
+        raise ConfigError("eval.rollouts_per_task must be >= 1 and eval.tasks >= 0")
+    if config.eval.temperature <= 0:
+        raise ConfigError(f"eval.temperature={config.eval.temperature} must be > 0")
+
+
+def model_folder(section: ModelSection) -> Path | None:
+    """The Hugging Face folder of a pretrained policy (None for a model from scratch), checked to exist."""
+    if section.from_scratch:
+        return None
+    path = section.path or os.environ.get(section.path_env, "")
+    if not path:
+        raise ConfigError(f"no model folder: set model.path=/path/to/model or the environment variable "
+                          f"{section.path_env} (a Hugging Face folder with config.json, *.safetensors and the "
+                          "tokenizer; download one with `huggingface-cli download Qwen/Qwen2.5-32B-Instruct "
+                          "--local-dir DIR` on a networked machine)")
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        source = "model.path" if section.path else f"${section.path_env}"
+        raise ConfigError(f"model folder {str(folder)!r} (from {source}) has no config.json; point it at a Hugging "
+                          "Face model folder (download one with `huggingface-cli download Qwen/Qwen2.5-32B-Instruct "
+                          "--local-dir DIR` on a networked machine)")
+    return folder
+
+
+def to_dict(config: TrainConfig) -> dict:
+    """Plain data for the resolved-config file (tuples as lists)."""
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def save_resolved(config: TrainConfig, folder: Path) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return path
