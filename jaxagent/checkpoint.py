@@ -89,3 +89,37 @@ def load_policy(folder: str | Path, shardings: Any = None, **config_overrides: A
     lora_params = checkpointer.restore(folder / "lora", abstract_lora) if lora is not None else None
     has_tokenizer = (folder / "model" / "tokenizer_config.json").is_file()
     return Policy(config, params, lora, lora_params, folder / "model" if has_tokenizer else None)
+
+
+class StageCheckpoints:
+    """Resumable train-state checkpoints of one stage (orbax CheckpointManager), one per saved iteration.
+
+    Each holds the train state (trainable leaves, optimizer state, step counters) and a JSON record (iteration,
+    RNG key, data-iterator state). orbax writes a checkpoint under a temporary name and renames it when complete,
+    so a crash leaves the previous checkpoints intact; only the last `keep` are kept.
+    """
+
+    def __init__(self, folder: str | Path, keep: int) -> None:
+        self.folder = Path(folder).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self._manager = ocp.CheckpointManager(self.folder, options=options, item_names=("state", "meta"))
+
+    def latest(self) -> int | None:
+        """The last complete checkpoint's iteration (None when there is none)."""
+        return self._manager.latest_step()
+
+    def save(self, iteration: int, state: Any, meta: dict) -> None:
+        """Write the checkpoint of `iteration` and wait until it is on disk."""
+        self._manager.save(iteration, args=ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()),
+                                                              meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, iteration: int, like: Any) -> tuple[Any, dict]:
+        """(train state shaped like `like`, meta) of the checkpoint of `iteration`."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())
+        restored = self._manager.restore(iteration, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return type(like)(**restored.state), dict(restored.meta)
+
+    def close(self) -> None:
+        self._manager.close()

@@ -6,13 +6,18 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+from jaxagent.config import ConfigError
+from jaxagent.data import DataError
+from jaxagent.envs.base import EnvError
 from jaxagent.models.config import ModelConfigError
 from jaxagent.models.hf import CheckpointError
 from jaxagent.models.lora import LoraConfigError
 from jaxagent.tokens import ChatTemplateError, TemplateNotAppendOnly
+from jaxagent.update import UpdateConfigError
 
 # Errors whose message already names the bad value and what would be valid.
-USER_ERRORS = (ModelConfigError, CheckpointError, LoraConfigError, ChatTemplateError, TemplateNotAppendOnly,
+USER_ERRORS = (ConfigError, DataError, EnvError, UpdateConfigError, ModelConfigError, CheckpointError,
+               LoraConfigError, ChatTemplateError, TemplateNotAppendOnly,
                FileNotFoundError, NotADirectoryError, FileExistsError)  # includes atomic.FolderExistsError
 
 EXIT_USER_ERROR = 2

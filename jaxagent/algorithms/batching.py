@@ -1,0 +1,89 @@
+"""From trajectory records to the fixed-shape batches the jitted update step takes.
+
+Rows are padded to a multiple of the minibatch (padding rows weigh 0) and tokens to a length bucket, so the update
+compiles once per bucket. Old log-probs are recomputed by the learner with the parameters the rollouts were
+sampled from (LOOP): the ratio's denominator then matches the numerator's numerics exactly on the first epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxagent.models.config import ModelConfig
+from jaxagent.models.lora import LoraConfig
+from jaxagent.trajectory import Trajectory, pad_trajectories
+from jaxagent.update import SequenceBatch, sequence_logprobs
+
+LENGTH_BUCKETS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384, 32768)
+
+
+def sequence_batch(trajectories: Sequence[Trajectory], advantages: Sequence[float] | None = None,
+                   weights: Sequence[float] | None = None, rows: int | None = None,
+                   old_logprobs: Sequence[np.ndarray] | None = None,
+                   token_advantages: Sequence[np.ndarray] | None = None,
+                   returns: Sequence[np.ndarray] | None = None) -> SequenceBatch:
+    """A SequenceBatch (NumPy leaves) of `trajectories`, padded to `rows` rows and a length bucket.
+
+    Per-trajectory arrays (old log-probs, per-token advantages and returns for PPO) have each trajectory's length.
+    Without old log-probs the sampler's are used (SFT ignores them).
+    """
+    padded = pad_trajectories(trajectories, LENGTH_BUCKETS, rows)
+    count, length = padded["tokens"].shape
+    n = len(trajectories)
+    if token_advantages is not None:
+        adv = per_token_rows(token_advantages, count, length)
+    else:
+        adv = np.zeros(count, np.float32)
+        if advantages is not None:
+            adv[:n] = np.asarray(advantages, np.float32)
+    keep = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
+    keep = padded["valid"] * np.pad(keep, (0, count - n))
+    old = padded["sample_logprobs"] if old_logprobs is None else per_token_rows(old_logprobs, count, length)
+    return SequenceBatch(padded["tokens"], padded["segment_ids"], padded["model_mask"], padded["turn_index"],
+                         padded["sample_logprobs"], old, adv, keep.astype(np.float32),
+                         None if returns is None else per_token_rows(returns, count, length))
+
+
+def per_token_rows(arrays: Sequence[np.ndarray], rows: int, length: int) -> np.ndarray:
+    """Right-padded [rows, length] from per-trajectory arrays."""
+    out = np.zeros((rows, length), np.float32)
+    for i, values in enumerate(arrays):
+        out[i, :len(values)] = values
+    return out
+
+
+def minibatches(count: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A shuffled split of range(count) into chunks of at most `size` indices."""
+    order = rng.permutation(count)
+    return [order[i:i + size] for i in range(0, count, size)]
+
+
+class LogprobComputer:
+    """Jitted per-token log-probs (and values, with a value head) of padded batches, for old log-probs and GAE."""
+
+    def __init__(self, model: ModelConfig, lora: LoraConfig | None, temperature: float, chunk: int = 512) -> None:
+        def run(params, lora_params, value_head, tokens, segments):
+            return sequence_logprobs(params, model, tokens, segments, lora_params, lora, temperature, chunk,
+                                     value_head)
+        self._run = jax.jit(run)
+
+    def __call__(self, params: dict, lora_params: dict | None, value_head: dict | None,
+                 trajectories: Sequence[Trajectory], rows_per_call: int
+                 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Per-trajectory log-probs (and values), `rows_per_call` trajectories per padded call."""
+        logps, values = [], []
+        for start in range(0, len(trajectories), rows_per_call):
+            part = trajectories[start:start + rows_per_call]
+            padded = pad_trajectories(part, LENGTH_BUCKETS, rows_per_call)
+            logp, value = self._run(params, lora_params, value_head, jnp.asarray(padded["tokens"]),
+                                    jnp.asarray(padded["segment_ids"]))
+            logp = np.asarray(logp)
+            logps += [logp[i, :len(t.token_ids)] for i, t in enumerate(part)]
+            if value is not None:
+                value = np.asarray(value)
+                values += [value[i, :len(t.token_ids)] for i, t in enumerate(part)]
+        return logps, (values if value_head is not None else None)

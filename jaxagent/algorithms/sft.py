@@ -1,0 +1,103 @@
+"""Behaviour cloning: negative log-likelihood of the agent's tokens in expert conversations.
+
+The demonstrations are played once through the real environment (or read from a JSONL file), rendered with the
+chat template into ids and model-token masks, and cached in the run folder, so a resumed run trains on exactly the
+same data. Each epoch visits them in a seeded random order; the position (step) is the data state a checkpoint keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import jax
+import numpy as np
+
+from jaxagent.algorithms.batching import sequence_batch
+from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup, eval_seed, evaluate
+from jaxagent.atomic import staged_file
+from jaxagent.data import DataError, expert_demonstrations, read_conversations
+from jaxagent.envs.base import list_tasks
+from jaxagent.trajectory import Trajectory, turn_indices
+from jaxagent.update import LossConfig, UpdateConfig, init_train_state, make_update_step
+
+log = logging.getLogger(__name__)
+
+
+def demonstrations(setup: Setup) -> list[dict]:
+    """The stage's conversations, [{"messages", "reward"}], generated once and cached in the run folder."""
+    cache = setup.run_dir / "sft_demos.jsonl"
+    if cache.is_file():
+        return [json.loads(line) for line in cache.read_text().splitlines()]
+    config = setup.config
+    if config.sft.data == "expert":
+        tasks = list_tasks(config.env.name, config.env.train_split)
+        played = expert_demonstrations(setup.make_env, tasks, config.sft.demos, config.sft.mistake_rate, config.seed)
+        demos = [{"messages": messages, "reward": reward} for messages, reward in played]
+    else:
+        demos = [{"messages": messages, "reward": None} for messages in read_conversations(config.sft.data)]
+    with staged_file(cache) as tmp:
+        tmp.write_text("".join(json.dumps(d) + "\n" for d in demos))
+    return demos
+
+
+def to_trajectories(setup: Setup, demos: list[dict]) -> list[Trajectory]:
+    """Token-level records of the conversations that fit the context (longer ones are skipped with a warning)."""
+    records = []
+    for i, demo in enumerate(demos):
+        conversation = setup.renderer.start(demo["messages"])
+        ids = np.asarray(conversation.token_ids, np.int32)
+        if len(ids) > setup.config.rollout.max_context:
+            log.warning("demonstration %d has %d tokens, more than rollout.max_context=%d; skipped", i, len(ids),
+                        setup.config.rollout.max_context)
+            continue
+        mask = np.asarray(conversation.model_mask, np.int8)
+        reward = float(demo["reward"]) if demo.get("reward") is not None else 1.0
+        records.append(Trajectory(ids, mask, np.zeros(len(ids), np.float32), turn_indices(mask), reward, i, 0,
+                                  f"demo/{i}", {"success": reward >= 1.0}, tuple(demo["messages"])))
+    if not records:
+        raise DataError("no demonstration fits rollout.max_context; raise it or shorten the conversations")
+    return records
+
+
+def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tuple[PolicyParams, dict]:
+    """Train on the demonstrations for `sft.epochs` epochs; returns the policy and its held-out evaluation."""
+    config, sft = setup.config, setup.config.sft
+    records = to_trajectories(setup, demonstrations(setup))
+    demo_rewards = [r.reward for r in records]
+    steps_per_epoch = math.ceil(len(records) / sft.batch_size)
+    total = sft.epochs * steps_per_epoch
+    update = make_update_step(setup.model, update_config(sft), setup.lora)
+    frozen = policy.frozen()
+    loop = IterationLoop(setup, stage_index, name, total, checkpoint_every=sft.checkpoint_every)
+    state, meta, start = loop.resume(init_train_state(policy.trainable(), update_config(sft)))
+    if start == 1:
+        loop.log(0, "data", {"demos": len(records), "demo_reward": float(np.mean(demo_rewards)),
+                             "demo_success": float(np.mean([r >= 1.0 for r in demo_rewards]))})
+    losses = []
+    try:
+        for step in loop.progress(start):
+            epoch, position = divmod(step - 1, steps_per_epoch)
+            order = np.random.default_rng([config.seed, stage_index, epoch]).permutation(len(records))
+            chosen = order[position * sft.batch_size:(position + 1) * sft.batch_size]
+            batch = sequence_batch([records[i] for i in chosen], rows=sft.batch_size)
+            state, metrics = update(state, frozen, batch, jax.random.fold_in(jax.random.key(config.seed), step))
+            losses.append(float(metrics["loss"]))
+            loop.show(loss=losses[-1])
+            if step % sft.log_every == 0 or step == total:
+                loop.log(step, "train", {"loss": float(np.mean(losses)), "epoch": epoch + 1,
+                                         "grad_norm": float(metrics["grad_norm"])})
+                losses = []
+            if step == total:  # evaluated before the last checkpoint, so a resumed run never repeats it
+                stats, _ = evaluate(setup, PolicyParams.from_state(state, frozen),
+                                    seed=eval_seed(config, stage_index, step))
+                loop.log(step, "eval", stats)
+            loop.maybe_checkpoint(step, state, {"epoch": epoch, "position": position + 1})
+    finally:
+        loop.close()
+    return PolicyParams.from_state(state, frozen), loop.last_eval()
+
+
+def update_config(sft) -> UpdateConfig:
+    return UpdateConfig(LossConfig(kind="sft", sft_per=sft.per), sft.optim)

@@ -1,0 +1,161 @@
+"""What a run reports: rollout statistics, behaviour statistics, metrics.jsonl and TensorBoard, the reward plot,
+summary.json and the terminal table.
+
+Every record in metrics.jsonl has `stage`, `stage_index`, `iteration` and `kind` ("train" or "eval"); a resumed run
+first drops the records past its checkpoint, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from jaxagent.trajectory import Trajectory
+
+_PLACEHOLDER = re.compile(r"dummy|placeholder|555-0000|example\.com", re.I)
+_ERROR = re.compile(r"Traceback|Error:|Exception")
+
+
+def rollout_stats(trajectories: Sequence[Trajectory]) -> dict:
+    """Reward, success, turns, length and termination reasons of a set of rollouts."""
+    if not trajectories:
+        return {"episodes": 0}
+    rewards = np.asarray([t.reward for t in trajectories])
+    stats = {
+        "episodes": len(trajectories),
+        "reward": float(rewards.mean()),
+        "success": float(np.mean([bool(t.info.get("success")) for t in trajectories])),
+        "turns": float(np.mean([t.num_turns for t in trajectories])),
+        "tokens": float(np.mean([len(t.token_ids) for t in trajectories])),
+        "model_tokens": float(np.mean([int(t.model_mask.sum()) for t in trajectories])),
+    }
+    reasons: dict[str, int] = {}
+    for t in trajectories:
+        reasons[t.termination] = reasons.get(t.termination, 0) + 1
+    stats.update({f"ended_{reason}": count / len(trajectories) for reason, count in sorted(reasons.items())})
+    stats.update(behaviour_stats(trajectories))
+    return stats
+
+
+def behaviour_stats(trajectories: Sequence[Trajectory]) -> dict:
+    """The behaviours LOOP's analysis tracks (GUIDE §3), from the agent's text, per rollout."""
+    docs, assume, placeholder, give_up, multi_cell = [], [], [], [], []
+    for t in trajectories:
+        agent = [m["content"] for m in t.messages if m["role"] == "assistant"]
+        text = "\n".join(agent)
+        docs.append(text.count("api_docs."))
+        assume.append(bool(re.search(r"\bassum", text, re.I)))
+        placeholder.append(bool(_PLACEHOLDER.search(text)))
+        multi_cell.append(any(turn.count("```python") > 1 for turn in agent))
+        give_up.append(_gave_up(t))
+    return {"doc_lookups": float(np.mean(docs)), "says_assume": float(np.mean(assume)),
+            "placeholder_values": float(np.mean(placeholder)), "gives_up_after_error": float(np.mean(give_up)),
+            "multi_cell_turns": float(np.mean(multi_cell))}
+
+
+def _gave_up(t: Trajectory) -> bool:
+    """The episode was completed unsolved right after an observation that reported an error."""
+    if t.info.get("success") or t.termination != "completed":
+        return False
+    messages = list(t.messages)
+    last_agent = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    before = [m for m in messages[:last_agent] if m["role"] == "user"]
+    return bool(before) and len(before) > 1 and bool(_ERROR.search(before[-1]["content"]))
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl and scalars to TensorBoard event files in the run folder."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.tensorboard_dir = run_dir / "tensorboard"
+        self._writer = None
+
+    def truncate_after(self, stage_index: int, iteration: int) -> None:
+        """Drop records past (stage_index, iteration): a resumed run writes them again."""
+        kept = [r for r in self.records() if (r["stage_index"], r["iteration"]) <= (stage_index, iteration)]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
+    def write(self, record: dict, global_step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        prefix = f"{record['stage']}/{record['kind']}"
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("iteration",
+                                                                                               "stage_index"):
+                writer.add_scalar(f"{prefix}/{key}", value, global_step)
+        writer.flush()
+
+    def records(self) -> list[dict]:
+        return read_records(self.path)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def _tensorboard(self):
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tensorboard_dir))
+        return self._writer
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_rewards(records: Iterable[dict], path: Path) -> Path:
+    """reward.png: train reward and held-out success against iteration; the SFT result as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = list(records)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        rows = [r for r in records if r["stage"] == stage]
+        train = [r for r in rows if r["kind"] == "train" and "reward" in r]
+        evals = [r for r in rows if r["kind"] == "eval"]
+        if stage == "sft":
+            for r in evals[-1:]:
+                ax.axhline(r["success"], color="gray", linestyle="--", label=f"after SFT: eval success "
+                                                                               f"{r['success']:.2f}")
+            continue
+        if train:
+            ax.plot([offset + r["iteration"] for r in train], [r["reward"] for r in train], alpha=0.7,
+                    label=f"{stage}: train reward")
+        if evals:
+            ax.plot([offset + r["iteration"] for r in evals], [r["success"] for r in evals], marker="o",
+                    label=f"{stage}: eval success")
+        offset += max([r["iteration"] for r in rows], default=0)
+    ax.set_xlabel("iteration")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def final_table(stage_results: dict[str, dict]) -> str:
+    """The terminal table of held-out results per stage."""
+    header = f"{'stage':<10} {'episodes':>8} {'success':>8} {'reward':>8} {'turns':>6} {'docs':>5} {'dummy':>6} " \
+             f"{'give-up':>7}"
+    lines = [header, "-" * len(header)]
+    for stage, r in stage_results.items():
+        lines.append(f"{stage:<10} {r['episodes']:>8d} {r['success']:>8.3f} {r['reward']:>8.3f} {r['turns']:>6.2f} "
+                     f"{r['doc_lookups']:>5.2f} {r['placeholder_values']:>6.3f} {r['gives_up_after_error']:>7.3f}")
+    return "\n".join(lines)

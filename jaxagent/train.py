@@ -1,0 +1,196 @@
+"""Train an agent: `python -m jaxagent.train [--config NAME|PATH] [key=value ...]` (default config: tiny).
+
+A run is a list of stages (e.g. sft then loop); each starts from the previous stage's policy. Everything lands in
+the run folder:
+
+    config.yaml        the resolved configuration (a restart must use the same one)
+    tokenizer/         the tokenizer trained locally (models from scratch)
+    checkpoints/STAGE  orbax train-state checkpoints, the last `checkpoint.keep` of each stage
+    stages/STAGE/      each finished stage: its policy (jaxagent checkpoint) and result.json
+    metrics.jsonl, tensorboard/, reward.png, summary.json
+
+Restarting the same command in the same folder resumes from the last checkpoint; finished stages are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+
+from jaxagent import cli
+from jaxagent.algorithms import STAGE_RUNNERS
+from jaxagent.algorithms.common import PolicyParams, Setup
+from jaxagent.atomic import staged_file
+from jaxagent.checkpoint import Policy, is_policy_folder, load_policy, save_policy
+from jaxagent.config import DEFAULT_CONFIG, ConfigError, TrainConfig, load_config, model_folder, save_resolved, to_dict
+from jaxagent.envs.base import get_spec, list_tasks
+from jaxagent.metrics import MetricsLog, final_table, plot_rewards
+from jaxagent.models.config import ModelConfig
+from jaxagent.models.lora import LoraConfig
+from jaxagent.models.transformer import init_params
+from jaxagent.sampling import Sampler
+from jaxagent.tokens import ChatRenderer
+
+log = logging.getLogger("jaxagent.train")
+
+
+def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, PolicyParams]:
+    """The run folder, environment, tokenizer, model and sampler of a run, and its initial policy.
+
+    `check_config`: refuse a run folder that holds another configuration (off for `jaxagent.evaluate`).
+    """
+    folder = model_folder(config.model)
+    spec = get_spec(config.env.name)
+    list_tasks(config.env.name, config.env.train_split)  # a bad split fails now, not after the first stage
+    list_tasks(config.env.name, config.eval.split or config.env.eval_split)
+    run_dir = config.directory.absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if check_config:
+        check_same_config(run_dir, config)
+
+    def make_env(task_id: str, seed: int):
+        return spec.make(task_id, seed=seed, **config.env.options)
+
+    lora = (LoraConfig(config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.targets)
+            if config.lora.enabled else None)
+    key = jax.random.key(config.seed)
+    if folder is not None:
+        from transformers import AutoTokenizer
+
+        from jaxagent.models.hf import load_hf_params
+
+        model, params = load_hf_params(folder, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                                       remat=config.model.remat)
+        tokenizer, tokenizer_dir = AutoTokenizer.from_pretrained(str(folder)), folder
+    else:
+        tokenizer, tokenizer_dir = local_tokenizer(config, run_dir, make_env)
+        model = ModelConfig(family=config.model.family, vocab_size=len(tokenizer),
+                            hidden_size=config.model.hidden_size, intermediate_size=config.model.intermediate_size,
+                            num_layers=config.model.num_layers, num_heads=config.model.num_heads,
+                            num_kv_heads=config.model.num_kv_heads, head_dim=config.model.head_dim,
+                            qkv_bias=config.model.family == "qwen2", tie_word_embeddings=True,
+                            max_position_embeddings=max(config.rollout.max_context, 2048),
+                            remat=config.model.remat).replace(dtype=config.model.dtype,
+                                                              param_dtype=config.model.param_dtype)
+        params, _ = init_params(model, key)
+    lora_params = None
+    if lora is not None:
+        # Only the adapters are materialised: XLA drops the unused random base weights.
+        lora_params = jax.jit(lambda k: init_params(model, k, lora)[1])(jax.random.fold_in(key, 1))
+    renderer = ChatRenderer(tokenizer)
+    sampler = Sampler(model, max_len=config.rollout.max_context, lora=lora, tokenizer=tokenizer)
+    setup = Setup(config, model, lora, Path(tokenizer_dir), renderer, make_env, sampler, run_dir,
+                  MetricsLog(run_dir))
+    return setup, PolicyParams(params, lora_params)
+
+
+def local_tokenizer(config: TrainConfig, run_dir: Path, make_env):
+    """The run's tokenizer for a model from scratch: trained once on expert episodes' text, then reused."""
+    from transformers import AutoTokenizer
+
+    from jaxagent.data import expert_demonstrations
+    from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
+
+    folder = run_dir / "tokenizer"
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder)), folder
+    tasks = list_tasks(config.env.name, config.env.train_split)
+    played = expert_demonstrations(make_env, tasks, config.model.tokenizer_demos, config.sft.mistake_rate,
+                                   seed=config.seed + 1)
+    texts = [m["content"] for messages, _ in played for m in messages]
+    tokenizer = train_tokenizer(texts, vocab_size=config.model.vocab_size)
+    staging = run_dir / ".tokenizer.partial"
+    save_tokenizer(tokenizer, staging)
+    staging.replace(folder)
+    return tokenizer, folder
+
+
+def check_same_config(run_dir: Path, config: TrainConfig) -> None:
+    """A run folder belongs to one configuration: resuming with another would mix two runs."""
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        import yaml
+
+        saved = yaml.safe_load(path.read_text())
+        current = to_dict(config)
+        saved.pop("progress", None), current.pop("progress", None)
+        if saved != current:
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ConfigError(f"run folder {str(run_dir)!r} holds a run with a different configuration (differs in: "
+                              f"{', '.join(changed)}); set run_dir=... to a new folder, or delete that one")
+    else:
+        save_resolved(config, run_dir)
+
+
+def run_stages(setup: Setup, policy: PolicyParams) -> dict:
+    """Run (or skip, when already finished) every stage; returns {stage: held-out statistics}."""
+    results = {}
+    for index, name in enumerate(setup.config.stages):
+        stage_dir = setup.run_dir / "stages" / name
+        result_file = stage_dir / "result.json"
+        if result_file.is_file() and is_policy_folder(stage_dir / "policy"):
+            saved = load_policy(stage_dir / "policy")
+            policy = PolicyParams(saved.params, saved.lora_params)
+            results[name] = json.loads(result_file.read_text())
+            log.info("stage %s already finished; skipped", name)
+            continue
+        policy, stats = STAGE_RUNNERS[name](setup, index, name, policy)
+        policy_dir = stage_dir / "policy"
+        if policy_dir.exists():  # left by a crash between saving the policy and its result
+            import shutil
+
+            shutil.rmtree(policy_dir)
+        save_policy(policy_dir, Policy(setup.model, policy.params, setup.lora, policy.lora_params,
+                                       setup.tokenizer_dir))
+        with staged_file(result_file) as tmp:
+            tmp.write_text(json.dumps(stats, indent=2) + "\n")
+        results[name] = stats
+    return results
+
+
+def finish(setup: Setup, results: dict) -> dict:
+    """summary.json, reward.png and the final table."""
+    summary = {"config": setup.config.name, "seed": setup.config.seed,
+               "stages": {name: {"eval_success": stats["success"], "eval_reward": stats["reward"],
+                                 "eval_episodes": stats["episodes"], "eval_turns": stats["turns"]}
+                          for name, stats in results.items()},
+               "seconds": round(time.time() - setup.started, 1)}
+    with staged_file(setup.run_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    plot_rewards(setup.metrics.records(), setup.run_dir / "reward.png")
+    print(f"\nheld-out evaluation ({setup.config.env.name}, split "
+          f"{setup.config.eval.split or setup.config.env.eval_split}):")
+    print(final_table(results))
+    print(f"run folder: {setup.run_dir}  (summary.json, reward.png, metrics.jsonl, tensorboard/)")
+    return summary
+
+
+def train(config: TrainConfig) -> dict:
+    """Run every stage of `config` (resuming where a previous attempt stopped); returns the summary."""
+    setup, policy = build_setup(config)
+    try:
+        results = run_stages(setup, policy)
+        return finish(setup, results)
+    finally:
+        setup.metrics.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxagent.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="a name in configs/ or a .yaml path")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. loop.rollouts_per_task=4 optim.lr=1e-5")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
