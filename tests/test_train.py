@@ -1,0 +1,178 @@
+"""The training driver end to end with minimal sizes: every stage and ablation config, what a run leaves behind,
+resuming after SIGKILL (bitwise equal to an uninterrupted run), and `jaxagent.evaluate` repeating the final table."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxagent.algorithms import loop as loop_algorithms
+from jaxagent.algorithms.batching import LogprobComputer
+from jaxagent.checkpoint import load_policy
+from jaxagent.config import load_config
+from jaxagent.envs.base import list_tasks
+from jaxagent.evaluate import evaluate_run
+from jaxagent.rollout import collect
+from jaxagent.train import build_setup, train
+from jaxagent.update import UpdateConfig, init_train_state, make_update_step
+
+# Minimal sizes: a one-layer decoder, a handful of demonstrations, two iterations of two tasks x two rollouts.
+MICRO = [
+    "progress=false", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
+    "model.num_kv_heads=1", "model.head_dim=16", "model.vocab_size=512", "model.tokenizer_demos=10", "sft.demos=8",
+    "sft.epochs=2", "sft.batch_size=4", "sft.log_every=1", "sft.checkpoint_every=1", "sft.optim.total_steps=4",
+    "sft.optim.warmup_steps=0", "loop.iterations=2", "loop.tasks_per_iteration=2", "loop.rollouts_per_task=2",
+    "loop.minibatch_size=4", "loop.critic_warmup_iterations=1", "eval.tasks=3", "eval.every=1",
+    "rollout.max_turns=2", "rollout.max_tokens_per_turn=16", "rollout.max_context=768", "rollout.decode_chunk=8",
+    "rollout.max_concurrent=8", "checkpoint.every=1",
+]
+
+
+def leaves(folder):
+    policy = load_policy(folder)
+    return jax.tree.leaves(policy.params) + jax.tree.leaves(policy.lora_params or {})
+
+
+@pytest.mark.slow
+def test_every_stage_runs_end_to_end_and_leaves_its_reports(tmp_path):
+    stages = "stages=[sft, loop, grpo, rloo, ppo, reinforce, ei]"
+    summary = train(load_config("tiny", MICRO + [stages, f"run_dir={tmp_path}"]))
+    assert list(summary["stages"]) == ["sft", "loop", "grpo", "rloo", "ppo", "reinforce", "ei"]
+    for result in summary["stages"].values():
+        assert 0.0 <= result["eval_success"] <= result["eval_reward"] + 1e-9 or result["eval_success"] == 0.0
+        assert result["eval_episodes"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["stages"].keys() == summary["stages"].keys()
+    assert (tmp_path / "reward.png").stat().st_size > 1000
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records if r["kind"] == "eval"} == set(summary["stages"])
+    assert load_config(str(tmp_path / "config.yaml"), [f"run_dir={tmp_path}"]).stages[-1] == "ei"
+    for name in summary["stages"]:
+        assert (tmp_path / "stages" / name / "policy" / "jaxagent.json").is_file()
+        assert len(list((tmp_path / "checkpoints" / name).iterdir())) <= 2  # checkpoint.keep
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_grpo", "tiny_rloo", "tiny_ppo", "tiny_bandit", "tiny_turn"])
+def test_ablation_configs_run_end_to_end(name, tmp_path):
+    summary = train(load_config(name, MICRO + ["sft.epochs=1", f"run_dir={tmp_path}"]))
+    assert list(summary["stages"]) == list(load_config(name).stages)
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory):
+    """Real AppTown rollouts of a micro policy, with rewards set so every algorithm has something to learn."""
+    run_dir = tmp_path_factory.mktemp("learn")
+    config = load_config("tiny", MICRO + [f"run_dir={run_dir}"])
+    setup, policy = build_setup(config)
+    tasks = list_tasks("apptown", "train")[:2]
+    trajectories = collect(setup.sampler, policy.params, setup.renderer, setup.make_env, tasks, 3, config.rollout,
+                           jax.random.key(0))
+    rewards = [1.0, 0.0, 0.5, 0.25, 1.0, 0.0]
+    by_slot = {(t.group_id, t.rollout_index): t for t in trajectories}
+    trajectories = [dataclasses.replace(by_slot[g, k], reward=rewards[3 * g + k],
+                                        info={**by_slot[g, k].info, "success": rewards[3 * g + k] == 1.0})
+                    for g in range(2) for k in range(3)]
+    return setup, policy, config, trajectories
+
+
+@pytest.mark.parametrize("name", list(loop_algorithms.ALGORITHMS))
+def test_each_algorithm_updates_the_policy(name, rollouts):
+    setup, policy, config, trajectories = rollouts
+    loop_cfg = dataclasses.replace(config.loop, minibatch_size=4, critic_warmup_iterations=0)
+    update_config = UpdateConfig(loop_algorithms.loss_config(name, loop_cfg, 4, 1.0), config.optim)
+    trainable = policy.trainable()
+    if name == "ppo":
+        from jaxagent.models.heads import init_value_head
+
+        trainable["value_head"] = init_value_head(setup.model)
+    before = [np.asarray(x) for x in jax.tree.leaves(trainable)]
+    state = init_train_state(jax.tree.map(lambda x: x.copy(), trainable), update_config)
+    update = make_update_step(setup.model, update_config, None)
+    state, stats = loop_algorithms._learn(name, state, {}, trajectories, LogprobComputer(setup.model, None, 1.0),
+                                          update, update_config, loop_cfg, 1, np.random.default_rng(0),
+                                          jax.random.key(1))
+    # Group-relative advantages drop the rollout whose reward equals its group's mean (0.5 in [1, 0, 0.5]);
+    # expert iteration keeps each group's best rollout when it succeeds.
+    expected_kept = {"ei": 2, "reinforce": 6, "ppo": 6}.get(name, 5)
+    assert stats["kept"] == expected_kept and stats["updates"] == config.loop.epochs * -(-expected_kept // 4)
+    assert stats["sampler_learner_logprob_mismatch_max"] < 1e-4  # the learner recomputes what the sampler saw
+    after = [np.asarray(x) for x in jax.tree.leaves(state.trainable)]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_leave_one_out_filter_drops_groups_without_signal(rollouts):
+    _, _, config, trajectories = rollouts
+    equal = [dataclasses.replace(t, reward=0.5) for t in trajectories]
+    advantages, keep = loop_algorithms.trajectory_advantages("loop", equal, config.loop)
+    assert not keep.any() and np.allclose(advantages, 0.0)
+    advantages, keep = loop_algorithms.trajectory_advantages("loop", trajectories, config.loop)
+    np.testing.assert_allclose(advantages[:3], [1.0 - 0.25, 0.0 - 0.75, 0.5 - 0.5])
+    assert keep.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def _train_cli(run_dir, *extra):
+    return subprocess.Popen([sys.executable, "-m", "jaxagent.train", "--config", "tiny", *MICRO,
+                             f"run_dir={run_dir}", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _metrics_without_time(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_when", ["sft/2", "loop/1"])
+def test_sigkill_then_restart_equals_an_uninterrupted_run(kill_when, tmp_path):
+    """Kill with SIGKILL once the named checkpoint exists (the next iteration is under way), restart the same
+    command: it resumes, finishes, and every final parameter and every metric equals an uninterrupted run's."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _train_cli(whole)
+    victim = _train_cli(killed)
+    marker = killed / "checkpoints" / kill_when
+    deadline = time.time() + 240
+    while not marker.is_dir() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "summary.json").exists()
+    restarted = _train_cli(killed)
+    out, err = restarted.communicate(timeout=600)
+    assert restarted.returncode == 0, err[-2000:]
+    assert "resumed from the checkpoint of iteration" in out
+    out_ref, err_ref = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err_ref[-2000:]
+    for stage in ("sft", "loop"):
+        for a, b in zip(leaves(whole / "stages" / stage / "policy"), leaves(killed / "stages" / stage / "policy")):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _metrics_without_time(whole) == _metrics_without_time(killed)
+    assert out.split("held-out evaluation")[1] == out_ref.split("held-out evaluation")[1].replace(str(whole),
+                                                                                                   str(killed))
+
+
+@pytest.mark.slow
+def test_evaluate_repeats_the_final_table(tmp_path):
+    proc = _train_cli(tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    results = evaluate_run(tmp_path)
+    for stage, stats in results.items():
+        assert stats["success"] == summary["stages"][stage]["eval_success"]
+        assert stats["reward"] == summary["stages"][stage]["eval_reward"]
+        assert stats["turns"] == summary["stages"][stage]["eval_turns"]
+    cli = subprocess.run([sys.executable, "-m", "jaxagent.evaluate", "--run", str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    table = out.split("held-out evaluation")[1].split("run folder:")[0]
+    assert table in "held-out evaluation" + cli.stdout.split("held-out evaluation")[1] + "\n" or \
+        table.strip() in cli.stdout
