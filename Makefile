@@ -20,10 +20,10 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@ $(STAMP_RUN)
 
-# Until the training driver (jaxagent.train) lands, `make run` runs the foundation demo: tokenizer, model,
-# LoRA behaviour cloning, cached greedy decoding, checkpoint, export and re-import.
+# The default job: `python -m jaxagent.train --config tiny` (SFT then LOOP on AppTown, from scratch, on a CPU).
+# Extra settings go in ARGS, e.g. `make run ARGS="seed=1 run_dir=runs/tiny-seed1"`.
 run: $(STAMP_RUN)
-	$(PY) -m jaxagent.demo $(ARGS)
+	$(PY) -m jaxagent.train $(ARGS)
 
 test: $(STAMP_TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
