@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -144,8 +145,6 @@ def run_stages(setup: Setup, policy: PolicyParams) -> dict:
         policy, stats = STAGE_RUNNERS[name](setup, index, name, policy)
         policy_dir = stage_dir / "policy"
         if policy_dir.exists():  # left by a crash between saving the policy and its result
-            import shutil
-
             shutil.rmtree(policy_dir)
         save_policy(policy_dir, Policy(setup.model, policy.params, setup.lora, policy.lora_params,
                                        setup.tokenizer_dir))

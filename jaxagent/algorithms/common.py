@@ -8,7 +8,6 @@ stage's policy, resumes from its own last checkpoint if there is one, and ends w
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,8 +26,6 @@ from jaxagent.sampling import Sampler
 from jaxagent.tokens import ChatRenderer
 from jaxagent.trajectory import Trajectory
 from jaxagent.update import TrainState
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
