@@ -16,11 +16,9 @@ from jaxagent.envs.base import Message, Outcome, StepResult
 from jaxagent.envs.sandbox import Sandbox, SandboxLimits
 
 SYSTEM_PROMPT = (
-    "You are an agent in AppTown. Act by writing Python in a ```python block; each turn's code runs in one "
-    "persistent interpreter and you see what it prints. Reach the apps through `apis`, for example "
-    "apis.contacts.search(query='Ada Stone'). List an app's APIs with "
-    "apis.api_docs.show_api_descriptions(app_name='contacts'). When the task is done, call "
-    "apis.supervisor.complete_task(), with answer=... if the task asks a question."
+    "You are an agent in AppTown. Write Python in a ```python block; it runs in a persistent interpreter and you "
+    "see what it prints. Use the apps through `apis`: apis.api_docs.show_api_descriptions(app_name=...) lists an "
+    "app's APIs. Finish with apis.supervisor.complete_task(), passing answer=... if the task asks a question."
 )
 NO_CODE = "No code found. Write Python inside a ```python block."
 _BLOCK = re.compile(r"```python\n(.*?)(?:```|$)", re.S)

@@ -163,13 +163,30 @@ def _turn(thought: str, code: str) -> str:
     return f"{thought}\n```python\n{code}\n```"
 
 
+def goal(task: Task) -> str:
+    """The task restated in one sentence, quoting the facts the code will need."""
+    t = task.target
+    return {
+        "message": lambda: f"Goal: text '{t.get('name')}' saying '{t.get('text')}'.",
+        "pay": lambda: f"Goal: pay ${t.get('amount', 0):g} to '{t.get('name')}'.",
+        "email": lambda: f"Goal: answer with the email address of '{t.get('name')}'.",
+        "balance": lambda: "Goal: answer with my wallet balance.",
+        "reply": lambda: f"Goal: reply to '{t.get('name')}' with '{t.get('text')}'.",
+    }[task.template]()
+
+
 def expert_turns(task: Task, mistake_rate: float = 0.0, rng: random.Random | None = None) -> list[str]:
     """The expert's turns for `task`; each mistake kind happens with probability `mistake_rate`.
 
-    Mistakes: skip the doc look-up; call an API that does not exist (then correct it next turn); use a
-    made-up (dummy) value instead of the looked-up one; give up after an error and complete the task unsolved.
+    The first turn opens by restating the goal (a plan line, as ReAct agents write). Mistakes: skip the doc look-up;
+    call an API that does not exist (then correct it next turn); use a made-up (dummy) value instead of the
+    looked-up one; give up after an error and complete the task unsolved.
     """
-    rng = rng or random.Random(0)
+    turns = _expert_steps(task, mistake_rate, rng or random.Random(0))
+    return [f"{goal(task)} {turns[0]}", *turns[1:]]
+
+
+def _expert_steps(task: Task, mistake_rate: float, rng: random.Random) -> list[str]:
     mistakes = {kind for kind in MISTAKES if rng.random() < mistake_rate}
     t = task.target
     app = {"message": "contacts", "pay": "contacts", "email": "contacts", "balance": "wallet",
