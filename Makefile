@@ -25,8 +25,9 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 run: $(STAMP_RUN)
 	$(PY) -m jaxagent.train $(ARGS)
 
+# --durations: the CI log shows where the suite's time goes (it must stay well under 15 minutes on 2 cores).
 test: $(STAMP_TEST)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 test-fast: $(STAMP_TEST)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
