@@ -79,3 +79,19 @@ def test_splits_are_disjoint_and_named():
         make_env("webshop", "x/1")
     with pytest.raises(ValueError, match="unknown AppTown task 'send/1'"):
         make_env("apptown", "send/1")
+
+
+def test_the_expert_opens_with_the_goal_quoting_the_task():
+    """The goal line restates the task: every fact it quotes is quoted the same way in the instruction."""
+    import re
+
+    for task_id in split_tasks("dev"):
+        task = make_task(task_id)
+        first = expert_turns(task, mistake_rate=1.0, rng=random.Random(0))[0]
+        assert first.startswith("Goal: "), first
+        goal_line = first.split(". ", 1)[0]
+        quoted = re.findall(r"'([^']*)'", goal_line)
+        assert len(quoted) == {"message": 2, "reply": 2, "pay": 1, "email": 1, "balance": 0}[task.template]
+        assert all(f"'{fact}'" in task.instruction for fact in quoted), (goal_line, task.instruction)
+        if task.template == "pay":
+            assert f"${task.target['amount']:g} " in goal_line and f"${task.target['amount']:g} " in task.instruction
