@@ -166,13 +166,15 @@ def _turn(thought: str, code: str) -> str:
 def goal(task: Task) -> str:
     """The task restated in one sentence, quoting the facts the code will need."""
     t = task.target
-    return {
-        "message": lambda: f"Goal: text '{t.get('name')}' saying '{t.get('text')}'.",
-        "pay": lambda: f"Goal: pay ${t.get('amount', 0):g} to '{t.get('name')}'.",
-        "email": lambda: f"Goal: answer with the email address of '{t.get('name')}'.",
-        "balance": lambda: "Goal: answer with my wallet balance.",
-        "reply": lambda: f"Goal: reply to '{t.get('name')}' with '{t.get('text')}'.",
-    }[task.template]()
+    if task.template == "message":
+        return f"Goal: text '{t['name']}' saying '{t['text']}'."
+    if task.template == "pay":
+        return f"Goal: pay ${t['amount']:g} to '{t['name']}'."
+    if task.template == "email":
+        return f"Goal: answer with the email address of '{t['name']}'."
+    if task.template == "balance":
+        return "Goal: answer with my wallet balance."
+    return f"Goal: reply to '{t['name']}' with '{t['text']}'."
 
 
 def expert_turns(task: Task, mistake_rate: float = 0.0, rng: random.Random | None = None) -> list[str]:
