@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test test-fast clean
+.PHONY: run test test-fast appworld clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP_TEST)
 
 test-fast: $(STAMP_TEST)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# AppWorld's own virtualenv (pins pydantic 1) and the offline task set, in ./.appworld; the AppWorld tests and
+# `env.name=appworld` runs create it on first use, this target does it up front (about a minute).
+appworld: $(STAMP_RUN)
+	$(PY) -m jaxagent.envs.appworld setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -46,7 +46,7 @@ def evaluate_run(run_dir: Path, split: str | None = None, stages: Sequence[str] 
             seed = json.loads((stage_dir / "result.json").read_text())["eval_seed"]
             results[name], _ = evaluate(setup, PolicyParams(saved.params, saved.lora_params), seed, split)
     finally:
-        setup.metrics.close()
+        setup.close()
     return results
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -39,6 +39,20 @@ def rollout_stats(trajectories: Sequence[Trajectory]) -> dict:
     stats.update({f"ended_{reason}": count / len(trajectories) for reason, count in sorted(reasons.items())})
     stats.update(behaviour_stats(trajectories))
     return stats
+
+
+def goal_completion(trajectories: Sequence[Trajectory], scenario_of: Callable[[str], str]) -> dict:
+    """AppWorld's TGC and SGC in percent: tasks whose tests all pass, and scenarios whose tasks all pass.
+
+    With several rollouts per task, rollout k of every task of a scenario forms that scenario's k-th attempt.
+    """
+    if not trajectories:
+        return {}
+    attempts: dict[tuple[str, int], list[bool]] = {}
+    for t in trajectories:
+        attempts.setdefault((scenario_of(t.task_id), t.rollout_index), []).append(bool(t.info.get("success")))
+    return {"tgc": 100.0 * float(np.mean([bool(t.info.get("success")) for t in trajectories])),
+            "sgc": 100.0 * float(np.mean([all(passed) for passed in attempts.values()]))}
 
 
 def behaviour_stats(trajectories: Sequence[Trajectory]) -> dict:
@@ -152,10 +166,12 @@ def plot_rewards(records: Iterable[dict], path: Path) -> Path:
 
 def final_table(stage_results: dict[str, dict]) -> str:
     """The terminal table of held-out results per stage."""
+    goals = all("tgc" in r for r in stage_results.values()) and bool(stage_results)  # AppWorld: TGC and SGC too
     header = f"{'stage':<10} {'episodes':>8} {'success':>8} {'reward':>8} {'turns':>6} {'docs':>5} {'dummy':>6} " \
-             f"{'give-up':>7}"
+             f"{'give-up':>7}" + (f" {'TGC':>6} {'SGC':>6}" if goals else "")
     lines = [header, "-" * len(header)]
     for stage, r in stage_results.items():
         lines.append(f"{stage:<10} {r['episodes']:>8d} {r['success']:>8.3f} {r['reward']:>8.3f} {r['turns']:>6.2f} "
-                     f"{r['doc_lookups']:>5.2f} {r['placeholder_values']:>6.3f} {r['gives_up_after_error']:>7.3f}")
+                     f"{r['doc_lookups']:>5.2f} {r['placeholder_values']:>6.3f} {r['gives_up_after_error']:>7.3f}"
+                     + (f" {r['tgc']:>6.1f} {r['sgc']:>6.1f}" if goals else ""))
     return "\n".join(lines)

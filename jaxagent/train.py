@@ -31,7 +31,7 @@ from jaxagent.algorithms.common import PolicyParams, Setup
 from jaxagent.atomic import staged_file
 from jaxagent.checkpoint import Policy, is_policy_folder, load_policy, save_policy
 from jaxagent.config import DEFAULT_CONFIG, ConfigError, TrainConfig, load_config, model_folder, save_resolved, to_dict
-from jaxagent.envs.base import get_spec, list_tasks
+from jaxagent.envs import base as envs
 from jaxagent.metrics import MetricsLog, final_table, plot_rewards
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
@@ -48,16 +48,18 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
     `check_config`: refuse a run folder that holds another configuration (off for `jaxagent.evaluate`).
     """
     folder = model_folder(config.model)
-    spec = get_spec(config.env.name)
-    list_tasks(config.env.name, config.env.train_split)  # a bad split fails now, not after the first stage
-    list_tasks(config.env.name, config.eval.split or config.env.eval_split)
+    env = config.env
+    envs.list_tasks(env.name, env.train_split, env.options)  # a bad split fails now, not after the first stage
+    envs.list_tasks(env.name, config.eval.split or env.eval_split, env.options)
     run_dir = config.directory.absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     if check_config:
         check_same_config(run_dir, config)
 
+    service = None  # started last: nothing above may fail and leave its processes running
+
     def make_env(task_id: str, seed: int):
-        return spec.make(task_id, seed=seed, **config.env.options)
+        return envs.make_env(env.name, task_id, seed, service, **env.options)
 
     lora = (LoraConfig(config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.targets)
             if config.lora.enabled else None)
@@ -87,8 +89,9 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
         lora_params = jax.jit(lambda k: init_params(model, k, lora)[1])(jax.random.fold_in(key, 1))
     renderer = ChatRenderer(tokenizer)
     sampler = Sampler(model, max_len=config.rollout.max_context, lora=lora, tokenizer=tokenizer)
+    service = envs.start_service(env.name, env.options, config.rollout.max_concurrent)
     setup = Setup(config, model, lora, Path(tokenizer_dir), renderer, make_env, sampler, run_dir,
-                  MetricsLog(run_dir))
+                  MetricsLog(run_dir), service)
     return setup, PolicyParams(params, lora_params)
 
 
@@ -102,7 +105,7 @@ def local_tokenizer(config: TrainConfig, run_dir: Path, make_env):
     folder = run_dir / "tokenizer"
     if (folder / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(folder)), folder
-    tasks = list_tasks(config.env.name, config.env.train_split)
+    tasks = envs.list_tasks(config.env.name, config.env.train_split, config.env.options)
     played = expert_demonstrations(make_env, tasks, config.model.tokenizer_demos, config.sft.mistake_rate,
                                    seed=config.seed + 1)
     texts = [m["content"] for messages, _ in played for m in messages]
@@ -178,7 +181,7 @@ def train(config: TrainConfig) -> dict:
         results = run_stages(setup, policy)
         return finish(setup, results)
     finally:
-        setup.metrics.close()
+        setup.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,7 +75,7 @@ def test_splits_are_disjoint_and_named():
     assert not (train & dev) and not (train & test) and not (dev & test)
     with pytest.raises(EnvError, match="has no split 'valid'; valid: train, dev, test"):
         list_tasks("apptown", "valid")
-    with pytest.raises(EnvError, match="unknown environment 'webshop'; valid: apptown, scienceworld"):
+    with pytest.raises(EnvError, match="unknown environment 'webshop'; valid: apptown, appworld, scienceworld"):
         make_env("webshop", "x/1")
     with pytest.raises(ValueError, match="unknown AppTown task 'send/1'"):
         make_env("apptown", "send/1")

@@ -1,6 +1,7 @@
 """Training configurations: every shipped file loads; overrides are typed; bad keys, types and combinations fail
 with one line naming the key; the command-line entry points turn them into one `error:` line and exit code 2."""
 
+import os
 import subprocess
 import sys
 
@@ -102,14 +103,17 @@ def test_train_cli_errors_are_one_line(args, words, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-def test_appworld_says_it_is_not_available_yet(tmp_path):
+def test_appworld_without_official_data_says_how_to_get_it(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    result = _cli("jaxagent.train", "--config", "loop_qwen7b", f"model.path={model}", f"run_dir={tmp_path / 'run'}")
+    env = {k: v for k, v in os.environ.items() if k != "APPWORLD_ROOT"}
+    result = _cli("jaxagent.train", "--config", "loop_qwen7b", f"model.path={model}", f"run_dir={tmp_path / 'run'}",
+                  env=env)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: environment 'appworld' is not available") and \
-        result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: env.options.data=official needs $APPWORLD_ROOT") and \
+        "appworld download data" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_cli_rejects_a_folder_that_is_not_a_run(tmp_path):

@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from jaxagent.checkpoint import StageCheckpoints
 from jaxagent.config import TrainConfig
-from jaxagent.envs.base import Environment, list_tasks
-from jaxagent.metrics import MetricsLog, rollout_stats
+from jaxagent.envs.base import Environment, get_spec, list_tasks
+from jaxagent.metrics import MetricsLog, goal_completion, rollout_stats
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
 from jaxagent.rollout import collect
@@ -41,7 +41,14 @@ class Setup:
     sampler: Sampler
     run_dir: Path
     metrics: MetricsLog
+    service: Any = None  # the environment's shared processes (AppWorld's server pool), closed with the run
     started: float = dataclasses.field(default_factory=time.time)
+
+    def close(self) -> None:
+        """Flush the metrics and stop the environment's processes."""
+        self.metrics.close()
+        if self.service is not None:
+            self.service.close()
 
 
 @dataclasses.dataclass
@@ -67,7 +74,7 @@ class PolicyParams:
 def eval_tasks(setup: Setup, split: str | None = None) -> list[str]:
     """The held-out tasks (the first `eval.tasks` of the split, or all)."""
     config = setup.config
-    tasks = list_tasks(config.env.name, split or config.eval.split or config.env.eval_split)
+    tasks = list_tasks(config.env.name, split or config.eval.split or config.env.eval_split, config.env.options)
     return tasks[:config.eval.tasks] if config.eval.tasks else tasks
 
 
@@ -87,7 +94,11 @@ def evaluate(setup: Setup, policy: PolicyParams, seed: int, split: str | None = 
                                   early_stop_fraction=0.0)
     trajectories = collect(setup.sampler, policy.params, setup.renderer, setup.make_env, eval_tasks(setup, split),
                            config.eval.rollouts_per_task, rollout, jax.random.key(seed), policy.lora_params)
-    return {**rollout_stats(trajectories), "eval_seed": seed}, trajectories
+    stats = rollout_stats(trajectories)
+    scenario = get_spec(config.env.name).scenario
+    if scenario is not None:  # AppWorld reports TGC and SGC
+        stats.update(goal_completion(trajectories, scenario))
+    return {**stats, "eval_seed": seed}, trajectories
 
 
 class IterationLoop:

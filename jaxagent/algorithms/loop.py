@@ -105,8 +105,8 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
     if name == "ppo":
         trainable["value_head"] = init_value_head(setup.model)
     loop = IterationLoop(setup, stage_index, name, loop_cfg.iterations, config.checkpoint.every)
-    batches = TaskBatches(list_tasks(config.env.name, config.env.train_split), loop_cfg.tasks_per_iteration,
-                          seed=config.seed + stage_index)
+    train_tasks = list_tasks(config.env.name, config.env.train_split, config.env.options)
+    batches = TaskBatches(train_tasks, loop_cfg.tasks_per_iteration, seed=config.seed + stage_index)
     state, meta, start = loop.resume(init_train_state(trainable, update_config))
     rng = key_from_json(meta["rng"]) if meta else jax.random.fold_in(jax.random.key(config.seed), stage_index)
     if meta:

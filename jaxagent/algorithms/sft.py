@@ -32,7 +32,7 @@ def demonstrations(setup: Setup) -> list[dict]:
         return [json.loads(line) for line in cache.read_text().splitlines()]
     config = setup.config
     if config.sft.data == "expert":
-        tasks = list_tasks(config.env.name, config.env.train_split)
+        tasks = list_tasks(config.env.name, config.env.train_split, config.env.options)
         played = expert_demonstrations(setup.make_env, tasks, config.sft.demos, config.sft.mistake_rate, config.seed)
         demos = [{"messages": messages, "reward": reward} for messages, reward in played]
     else:

@@ -70,39 +70,49 @@ class EnvSpec:
     """How to list and create the tasks of one environment."""
 
     name: str
-    make: Callable[..., Environment]  # make(task_id, seed=..., **options)
-    tasks: Callable[[str], Sequence[str]]  # tasks(split)
+    make: Callable[..., Environment]  # make(task_id, seed=..., service=..., **options)
+    tasks: Callable[[str, dict], Sequence[str]]  # tasks(split, options)
     splits: tuple[str, ...] = ("train", "dev", "test")
+    # Processes a run shares between its episodes (AppWorld's server pool): start(options, concurrency) returns an
+    # object with close(); every make() of the run receives it as `service`.
+    start: Callable[[dict, int], Any] | None = None
+    scenario: Callable[[str], str] | None = None  # task id -> scenario, for scenario goal completion (AppWorld)
 
 
 def registry() -> dict[str, EnvSpec]:
     """Every environment jaxagent ships, by name (imported lazily: ScienceWorld needs Java, AppWorld a server)."""
     from jaxagent.envs.apptown import SPEC as APPTOWN
+    from jaxagent.envs.appworld import SPEC as APPWORLD
     from jaxagent.envs.scienceworld import SPEC as SCIENCEWORLD
 
-    return {spec.name: spec for spec in (APPTOWN, SCIENCEWORLD)}
+    return {spec.name: spec for spec in (APPTOWN, APPWORLD, SCIENCEWORLD)}
 
 
 def get_spec(name: str) -> EnvSpec:
     """The environment called `name`."""
     specs = registry()
-    if name == "appworld" and name not in specs:
-        raise EnvError("environment 'appworld' is not available in this jaxagent yet: the served AppWorld package "
-                       "(its own virtualenv, `appworld serve environment`) is still being integrated; until then "
-                       "use env.name=apptown (built in) or env.name=scienceworld")
     if name not in specs:
         raise EnvError(f"unknown environment {name!r}; valid: {', '.join(sorted(specs))}")
     return specs[name]
 
 
-def list_tasks(name: str, split: str) -> list[str]:
-    """Task ids of one split of an environment."""
+def list_tasks(name: str, split: str, options: dict | None = None) -> list[str]:
+    """Task ids of one split of an environment (`options`: the run's env.options, e.g. AppWorld's data root)."""
     spec = get_spec(name)
     if split not in spec.splits:
         raise EnvError(f"environment {name!r} has no split {split!r}; valid: {', '.join(spec.splits)}")
-    return list(spec.tasks(split))
+    return list(spec.tasks(split, dict(options or {})))
 
 
-def make_env(name: str, task_id: str, seed: int = 0, **options: Any) -> Environment:
-    """An environment for one episode of `task_id`."""
-    return get_spec(name).make(task_id, seed=seed, **options)
+def start_service(name: str, options: dict | None = None, concurrency: int = 1) -> Any:
+    """The shared processes of a run of environment `name` (None when it needs none); close() it at the end."""
+    spec = get_spec(name)
+    return spec.start(dict(options or {}), concurrency) if spec.start is not None else None
+
+
+def make_env(name: str, task_id: str, seed: int = 0, service: Any = None, **options: Any) -> Environment:
+    """An environment for one episode of `task_id` (`service`: what start_service returned, if anything)."""
+    spec = get_spec(name)
+    if service is not None:
+        options["service"] = service
+    return spec.make(task_id, seed=seed, **options)

@@ -270,4 +270,4 @@ class ScienceWorldEnv:
             self._episode = None
 
 
-SPEC = EnvSpec(name="scienceworld", make=ScienceWorldEnv, tasks=split_tasks)
+SPEC = EnvSpec(name="scienceworld", make=ScienceWorldEnv, tasks=lambda split, options: split_tasks(split))

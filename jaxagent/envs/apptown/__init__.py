@@ -5,6 +5,6 @@ from jaxagent.envs.apptown.env import AppTownEnv
 from jaxagent.envs.apptown.tasks import split_tasks
 from jaxagent.envs.base import EnvSpec
 
-SPEC = EnvSpec(name="apptown", make=AppTownEnv, tasks=split_tasks)
+SPEC = EnvSpec(name="apptown", make=AppTownEnv, tasks=lambda split, options: split_tasks(split))
 
 __all__ = ["AppTownEnv", "SPEC"]

@@ -1,0 +1,214 @@
+"""AppWorld for real: the `appworld` package in its own virtualenv, served on loopback, driven through jaxagent.
+
+The first test run builds the virtualenv and the offline task set in ./.appworld (ignored by git; about a minute);
+later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxagent.envs.appworld import ServerPool, data_root, default_home, ensure_home
+from jaxagent.envs.appworld.__main__ import as_agent_turn, check, play
+from jaxagent.envs.appworld.env import AppWorldEnv
+from jaxagent.envs.appworld.offline_tasks import TASKS, split_task_ids
+from jaxagent.envs.base import ENV_ERROR, EnvError, list_tasks
+from jaxagent.metrics import goal_completion
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def home():
+    return ensure_home(default_home(os.environ.get("JAXAGENT_APPWORLD_HOME") or REPO / ".appworld"))
+
+
+@pytest.fixture
+def pool(home):
+    pool = ServerPool(home, home.offline_root, size=2)
+    yield pool
+    pool.close()
+
+
+def test_the_offline_set_is_appworld_data_in_appworld_format(home):
+    tasks = home.offline_root / "data" / "tasks"
+    assert sorted(p.name for p in tasks.iterdir()) == sorted(t.task_id for t in TASKS)
+    assert len({t.scenario for t in TASKS}) >= 3 and len(TASKS) >= 6
+    specs = json.loads((tasks / "venmopay_1" / "specs.json").read_text())
+    assert specs["instruction"] == TASKS[0].instruction and specs["db_version"] == "0.1.0"
+    for name in ("evaluation.py", "test_data.json", "answer.json", "metadata.json"):
+        assert (tasks / "venmopay_1" / "ground_truth" / name).is_file()
+    assert (tasks / "venmopay_1" / "dbs" / "venmo.db").is_file()
+    assert len(list((home.offline_root / "data" / "api_docs" / "standard").glob("*.json"))) >= 10
+    # The package itself reads it back: its loader, with the root set as AppWorld expects.
+    probe = ("from appworld.task import Task, load_task_ids\n"
+             "ids = load_task_ids('train')\ntask = Task.load(ids[0])\n"
+             "print(ids, task.instruction, len(task.ground_truth.test_data))")
+    out = subprocess.run([str(home.python), "-c", probe], env=home.child_env(home.offline_root),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{split_task_ids('train')} {TASKS[0].instruction} 5"
+
+
+def test_every_ground_truth_scores_one_and_every_wrong_solution_less(pool):
+    records = check(pool, workers=2)
+    assert len(records) == 2 * len(TASKS)
+    for record in records:
+        assert record["completed"], record  # each ends on apis.supervisor.complete_task(...)
+        if record["solution"] == "solution":
+            assert record["reward"] == 1.0, record
+        else:
+            assert 0.0 < record["reward"] < 1.0, record
+    servers = list(pool._idle)
+    assert 1 <= len(servers) <= 2
+    pool.close()
+    assert all(not server.alive() for server in servers)  # every server shut down
+
+
+def test_an_episode_without_complete_task_is_scored_by_evaluate_and_no_code_gets_a_hint(pool):
+    env = AppWorldEnv("notecount_1", pool)
+    try:
+        messages = env.reset()
+        assert [m["role"] for m in messages] == ["system", "user"]
+        assert "Task: How many of my Simple Note notes" in messages[1]["content"]
+        assert "avery.lindqvist@gmail.com" in messages[1]["content"] and "2023-05-18" in messages[1]["content"]
+        assert env.step("I think the answer is three.").observation.startswith("No code found")
+        result = env.step(as_agent_turn("print(1 + 1)"))
+        assert (result.observation.strip(), result.done) == ("2", False)
+        outcome = env.evaluate()  # the answer test fails, the no-change test passes
+        assert outcome.reward == 0.5 and outcome.info["tests_total"] == 2 and not outcome.info["success"]
+    finally:
+        env.close()
+
+
+def test_a_killed_server_is_an_env_error_and_the_pool_replaces_it(pool):
+    env = AppWorldEnv("venmopay_1", pool)
+    env.reset()
+    env._server.process.kill()  # the server dies mid-episode
+    env._server.process.wait()
+    with pytest.raises(Exception, match="dead"):
+        env.step(as_agent_turn("print(1)"))
+    env.close()
+    assert pool.restarts == 1
+    outcome, ended = play(pool, "venmopay_1", TASKS[0].solution)  # the replacement serves the next episode
+    assert ended and outcome.reward == 1.0
+
+
+def test_splits_goal_completion_and_bad_options(home, monkeypatch):
+    options = {"data": "offline", "home": str(home.path)}
+    assert list_tasks("appworld", "train", options) == split_task_ids("train")
+    assert list_tasks("appworld", "dev", options) == split_task_ids("dev")
+    with pytest.raises(EnvError, match="no split 'test_normal'; it has: dev, train"):
+        list_tasks("appworld", "test_normal", options)
+    with pytest.raises(EnvError, match="unknown AppWorld option env.options.dtaa"):
+        data_root({"dtaa": "offline"})
+    monkeypatch.delenv("APPWORLD_ROOT", raising=False)
+    with pytest.raises(EnvError, match="needs \\$APPWORLD_ROOT"):
+        data_root({"data": "official"})
+    with pytest.raises(EnvError, match="is not an AppWorld root"):
+        data_root({"data": str(home.path)})
+    from jaxagent.trajectory import Trajectory
+
+    def rollout(task, success, k=0):
+        ids = np.zeros(2, np.int32)
+        return Trajectory(ids, np.array([0, 1], np.int8), np.zeros(2, np.float32), ids, float(success), 0, k, task,
+                          {"success": success})
+    stats = goal_completion([rollout("a_1", True), rollout("a_2", True), rollout("b_1", True),
+                             rollout("b_2", False)], lambda t: t.split("_")[0])
+    assert stats == {"tgc": 75.0, "sgc": 50.0}
+
+
+def _tiny_pretrained(folder: Path) -> Path:
+    """A tiny random Qwen2 with a tokenizer trained on AppWorld text, saved as a Hugging Face model folder."""
+    import torch
+    import transformers
+
+    from jaxagent.envs.appworld.prompt import EXAMPLE, SYSTEM_PROMPT
+    from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
+
+    texts = [SYSTEM_PROMPT, EXAMPLE] + [t.instruction for t in TASKS] + [c for t in TASKS for c in t.solution]
+    tokenizer = train_tokenizer(texts, vocab_size=512)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
+def test_loop_qwen7b_runs_a_short_loop_stage_on_the_offline_tasks(home, tmp_path):
+    model = _tiny_pretrained(tmp_path / "model")
+    run = tmp_path / "run"
+    overrides = [f"model.path={model}", "model.dtype=float32", "model.param_dtype=float32", "model.remat=none",
+                 "env.options.data=offline", f"env.options.home={home.path}", "env.options.servers=4",
+                 "rollout.max_context=2048", "rollout.max_tokens_per_turn=16", "rollout.max_turns=2",
+                 "rollout.max_concurrent=4", "rollout.env_workers=4", "rollout.decode_chunk=16",
+                 "loop.iterations=2", "loop.tasks_per_iteration=2", "loop.rollouts_per_task=2",
+                 "loop.minibatch_size=4", "loop.micro_batches=1",
+                 "loop.min_abs_advantage=0.0",  # a random policy ties every group; keep them so the update runs
+                 "eval.every=2", "eval.tasks=3", "checkpoint.every=1", f"run_dir={run}"]
+    result = subprocess.run([sys.executable, "-m", "jaxagent.train", "--config", "loop_qwen7b", *overrides],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TGC" in result.stdout and "SGC" in result.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["iteration"] for r in train] == [1, 2]
+    assert all(r["episodes"] == 4 and r["updates"] >= 1 for r in train)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals and evals[-1]["episodes"] == 3 and "tgc" in evals[-1]
+    assert (run / "stages" / "loop" / "policy").is_dir() and any((run / "checkpoints" / "loop").iterdir())
+    assert json.loads((run / "stages" / "loop" / "result.json").read_text())["episodes"] == 3
+
+
+def test_a_server_killed_during_collection_ends_one_episode_and_the_round_goes_on(home, tmp_path):
+    """Through the rollout engine: one episode's server dies mid-episode; that episode ends "env_error"."""
+    from transformers import AutoTokenizer
+
+    from jaxagent.models.hf import load_hf_params
+    from jaxagent.rollout import RolloutConfig, collect
+    from jaxagent.sampling import Sampler
+    from jaxagent.tokens import ChatRenderer
+
+    folder = _tiny_pretrained(tmp_path / "model")
+    model, params = load_hf_params(folder, dtype="float32", param_dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    pool = ServerPool(home, home.offline_root, size=4)
+    killed = []
+
+    class KilledMidEpisode(AppWorldEnv):
+        def step(self, text):
+            if self.seed == 1 and not killed:  # task 0, rollout 1: its server dies after its first turn
+                killed.append(self._server.port)
+                self._server.process.kill()
+                self._server.process.wait()
+                text = as_agent_turn("print('still there?')")
+            return super().step(text)
+
+    config = RolloutConfig(max_turns=2, max_tokens_per_turn=16, max_context=2048, decode_chunk=16,
+                           max_concurrent=4, env_workers=4, env_timeout_s=120)
+    try:
+        def make_env(task_id, seed):
+            return KilledMidEpisode(task_id, pool, seed=seed)
+        sampler = Sampler(model, max_len=2048, tokenizer=tokenizer)
+        rollouts = collect(sampler, params, ChatRenderer(tokenizer), make_env, ["venmopay_1", "notecount_1"], 2,
+                           config, jax.random.key(0))
+        reasons = {(t.group_id, t.rollout_index): t.termination for t in rollouts}
+        assert reasons[(0, 1)] == ENV_ERROR and "dead" in next(t for t in rollouts if t.rollout_index == 1
+                                                               and t.group_id == 0).info["error"]
+        assert all(reason != ENV_ERROR for key, reason in reasons.items() if key != (0, 1)), reasons
+        assert pool.restarts == 1
+        again = collect(sampler, params, ChatRenderer(tokenizer), make_env, ["phonetext_1"], 2, config,
+                        jax.random.key(1))
+        assert [t.termination for t in again] == ["max_turns", "max_turns"]
+    finally:
+        pool.close()
