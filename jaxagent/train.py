@@ -37,6 +37,7 @@ from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
 from jaxagent.models.transformer import init_params
 from jaxagent.sampling import Sampler
+from jaxagent.sharding import initialize_distributed
 from jaxagent.tokens import ChatRenderer
 
 log = logging.getLogger("jaxagent.train")
@@ -189,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a name in configs/ or a .yaml path")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. loop.rollouts_per_task=4 optim.lr=1e-5")
     args = parser.parse_args(argv)
+    initialize_distributed()  # a multi-host launch (launch/) sets JAXAGENT_DISTRIBUTED or the coordinator variables
     config = load_config(args.config, args.overrides)
     train(config)
     return 0

@@ -31,9 +31,14 @@ def test_the_expert_without_mistakes_solves_every_task(split):
         env = AppTownEnv(task_id)
         return task_id, _play(env, expert_turns(env.task, 0.0))
 
+    # Train: the tasks of every 5th seed (200 of 1,000, 40 per template) keep the suite's time down; dev and test
+    # are played whole.
+    tasks = split_tasks(split)
+    if split == "train":
+        tasks = [t for t in tasks if int(t.split("/")[1]) % 5 == 0]
     with ThreadPoolExecutor(8) as pool:  # episodes wait on their sandboxes, so threads overlap them
-        rewards = dict(pool.map(reward_of, split_tasks(split)))
-    assert len(rewards) == len(split_tasks(split))
+        rewards = dict(pool.map(reward_of, tasks))
+    assert len(rewards) == len(tasks)
     assert {t: r for t, r in rewards.items() if r != 1.0} == {}
 
 
