@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -199,3 +200,23 @@ def test_a_server_killed_during_collection_ends_one_episode_and_the_round_goes_o
         assert [t.termination for t in again] == ["max_turns", "max_turns"]
     finally:
         pool.close()
+
+
+def test_servers_exit_when_the_trainer_is_killed(home):
+    """A trainer killed with SIGKILL runs no cleanup; its servers notice their parent is gone and exit."""
+    script = ("import sys\nfrom pathlib import Path\nfrom jaxagent.envs.appworld import ServerPool, default_home\n"
+              f"home = default_home({str(home.path)!r})\npool = ServerPool(home, home.offline_root, size=1)\n"
+              "print(pool.acquire().process.pid, flush=True)\nimport time; time.sleep(600)")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server_pid = int(trainer.stdout.readline())
+    os.kill(server_pid, 0)  # alive
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{server_pid}/stat")
+        if not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z":  # gone, or a zombie not yet reaped
+            return
+        time.sleep(0.2)
+    os.kill(server_pid, 9)
+    pytest.fail(f"server {server_pid} outlived the killed trainer")

@@ -4,7 +4,7 @@ Each server is `appworld.serve.environment` (the FastAPI app behind `appworld se
 virtualenv. It holds one task world at a time, so one episode owns one server from `/initialize` to `/close`, and
 the pool starts servers on demand up to its size. We run the app with uvicorn on 127.0.0.1 rather than through the
 `appworld serve` command, which binds 0.0.0.0: these servers execute model-written code and must not be reachable
-from the network.
+from the network. Each server exits when the trainer process does, even when it is killed (serve.py).
 
 A server that dies (or stops answering) is killed and replaced by a fresh one on a new free port; the episode that
 was using it ends with an error and the run goes on.
@@ -26,6 +26,7 @@ from pathlib import Path
 from jaxagent.envs.appworld.home import AppWorldHome
 
 log = logging.getLogger(__name__)
+SERVE_SCRIPT = Path(__file__).with_name("serve.py")  # runs in AppWorld's virtualenv; exits when we do
 
 
 class ServerError(RuntimeError):
@@ -169,8 +170,7 @@ class ServerPool:
             port = _free_port()
             log_file = open(self.home.logs / f"server-{port}.log", "ab")
             process = subprocess.Popen(
-                [str(self.home.python), "-m", "uvicorn", "appworld.serve.environment:app", "--host", "127.0.0.1",
-                 "--port", str(port), "--log-level", "warning"],
+                [str(self.home.python), str(SERVE_SCRIPT), str(port)],
                 env=self.home.child_env(self.root), cwd=self.root, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True)  # a Ctrl-C in the terminal reaches jaxagent, which stops the pool
             log_file.close()
