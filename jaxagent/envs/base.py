@@ -10,6 +10,7 @@ threads, while the device decodes; they must not touch JAX.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Protocol, Sequence
 
 Message = dict[str, str]
@@ -20,6 +21,17 @@ MAX_TURNS = "max_turns"
 CONTEXT_OVERFLOW = "context_overflow"
 ENV_ERROR = "env_error"  # the environment raised or timed out; reward 0
 TERMINATIONS = (COMPLETED, MAX_TURNS, CONTEXT_OVERFLOW, ENV_ERROR)
+
+
+NO_CODE = "No code found. Write Python inside a ```python block."
+_PYTHON_BLOCK = re.compile(r"```python\n(.*?)(?:```|$)", re.S)
+
+
+def python_cell(text: str) -> str | None:
+    """The Python of every ```python block of an agent turn, joined into one cell (None if there is none)."""
+    blocks = [block.strip("\n") for block in _PYTHON_BLOCK.findall(text)]
+    code = "\n".join(block for block in blocks if block.strip())
+    return code or None
 
 
 class EnvError(ValueError):

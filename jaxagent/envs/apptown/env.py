@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import random
-import re
 
 from jaxagent.envs.apptown.tasks import expert_turns, make_task, score
-from jaxagent.envs.base import Message, Outcome, StepResult
+from jaxagent.envs.base import NO_CODE, Message, Outcome, StepResult, python_cell
 from jaxagent.envs.sandbox import Sandbox, SandboxLimits
 
 SYSTEM_PROMPT = (
@@ -20,8 +19,6 @@ SYSTEM_PROMPT = (
     "see what it prints. Use the apps through `apis`: apis.api_docs.show_api_descriptions(app_name=...) lists an "
     "app's APIs. Finish with apis.supervisor.complete_task(), passing answer=... if the task asks a question."
 )
-NO_CODE = "No code found. Write Python inside a ```python block."
-_BLOCK = re.compile(r"```python\n(.*?)(?:```|$)", re.S)
 _WORLD = "__apptown_world"
 
 
@@ -45,9 +42,7 @@ class AppTownEnv:
 
     def parse_action(self, text: str) -> str | None:
         """The Python of every ```python block of the turn, joined into one cell (None if there is none)."""
-        blocks = [block.strip("\n") for block in _BLOCK.findall(text)]
-        code = "\n".join(block for block in blocks if block.strip())
-        return code or None
+        return python_cell(text)
 
     def step(self, text: str) -> StepResult:
         """Run the turn's code; the episode ends when the task was marked complete."""

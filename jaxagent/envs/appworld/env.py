@@ -11,14 +11,9 @@ A server failure (it died, refused, timed out) raises, so the rollout engine end
 
 from __future__ import annotations
 
-import re
-
 from jaxagent.envs.appworld.prompt import SYSTEM_PROMPT, task_message
 from jaxagent.envs.appworld.server import Server, ServerError, ServerPool
-from jaxagent.envs.base import Message, Outcome, StepResult
-
-NO_CODE = "No code found. Write Python inside a ```python block."
-_BLOCK = re.compile(r"```python\n(.*?)(?:```|$)", re.S)
+from jaxagent.envs.base import NO_CODE, Message, Outcome, StepResult, python_cell
 
 
 def scenario_of(task_id: str) -> str:
@@ -47,9 +42,7 @@ class AppWorldEnv:
 
     def parse_action(self, text: str) -> str | None:
         """The Python of every ```python block of the turn, joined into one cell (None if there is none)."""
-        blocks = [block.strip("\n") for block in _BLOCK.findall(text)]
-        code = "\n".join(block for block in blocks if block.strip())
-        return code or None
+        return python_cell(text)
 
     def step(self, text: str) -> StepResult:
         """Run the turn's code; the episode ends when the agent marked the task complete."""
