@@ -12,6 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxagent.errors import lookup
+
 
 def _group_stats(values_N: jax.Array, group_ids_N: jax.Array, valid_N: jax.Array):
     """Per trajectory: the sum and count of its group's valid values."""
@@ -134,12 +136,11 @@ ADVANTAGES: dict[str, Callable[..., jax.Array]] = {
         group_mean(rewards, groups, valid), rewards, groups, valid),
     "leave_one_out_norm": lambda rewards, groups, valid=None: normalize_by_group_std(
         leave_one_out(rewards, groups, valid), rewards, groups, valid),
+    "reward": lambda rewards, groups, valid=None: jnp.where(_valid(rewards, valid), rewards, 0.0),  # REINFORCE
+    "none": lambda rewards, groups, valid=None: jnp.zeros_like(rewards),  # imitation: kept rollouts as they are
 }
 
 
 def get_advantage(name: str) -> Callable[..., jax.Array]:
     """The trajectory-level advantage estimator called `name`."""
-    try:
-        return ADVANTAGES[name]
-    except KeyError:
-        raise ValueError(f"unknown advantage estimator {name!r}; valid: {', '.join(ADVANTAGES)}") from None
+    return lookup(ADVANTAGES, name, "advantage estimator")

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxagent import cli
+from jaxagent.errors import run_main
 from jaxagent.models.config import ModelConfigError, dtype_name, resolve_dtype
 
 RELATIVE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -105,4 +105,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(run_main(main))

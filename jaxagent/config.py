@@ -18,18 +18,70 @@ from typing import Any, Sequence
 
 import yaml
 
-from jaxagent.models.lora import VALID_TARGETS
-from jaxagent.rollout import RolloutConfig
-from jaxagent.update import OptimConfig
+from jaxagent import choices
+from jaxagent.errors import UserError, check_choice
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny"
-RL_STAGES = ("loop", "grpo", "rloo", "ppo", "reinforce", "ei")
-STAGES = ("sft",) + RL_STAGES
+RL_STAGES, STAGES = choices.RL_STAGES, choices.STAGES
+TRUNCATION_NOTE = "Execution output is too long and is not fully shown."
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot run; the message names the key and what is valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping (LOOP: lr 5e-5 constant, weight decay 0.01, clip 1)."""
+
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0  # for linear/cosine decay
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        check_choice(self.schedule, choices.SCHEDULES, "optim.schedule", ConfigError)
+        if self.schedule != "constant" and self.total_steps <= 0:
+            raise ConfigError(f"optim.schedule={self.schedule!r} needs optim.total_steps > 0")
+        if self.lr <= 0 or self.max_grad_norm <= 0:
+            raise ConfigError(f"optim.lr={self.lr} and optim.max_grad_norm={self.max_grad_norm} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Episode limits and how collection is scheduled (defaults: LOOP's AppWorld settings)."""
+
+    max_turns: int = 40
+    max_tokens_per_turn: int = 1500
+    max_context: int = 32768
+    max_observation_tokens: int = 3000
+    truncation_note: str = TRUNCATION_NOTE
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    decode_chunk: int = 64  # tokens decoded between two looks at the environments
+    max_concurrent: int = 64  # episodes (sampler rows) alive at once
+    env_workers: int = 8
+    env_timeout_s: float = 120.0
+    early_stop_fraction: float = 0.0  # LOOP: 0.9 -- end the round when this fraction is done ...
+    early_stop_min_per_task: int = 0  # ... and every task has at least this many finished rollouts (LOOP: 4)
+    # Wait for every environment step before decoding again: slower, but the round no longer depends on how fast
+    # each environment answered, so a run (and a run resumed from a checkpoint) repeats exactly.
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_turns", "max_tokens_per_turn", "max_context", "max_observation_tokens", "decode_chunk",
+                     "max_concurrent", "env_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.early_stop_fraction <= 1.0:
+            raise ValueError(f"rollout.early_stop_fraction={self.early_stop_fraction} must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +116,7 @@ class LoraSection:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = VALID_TARGETS
+    targets: tuple[str, ...] = choices.LORA_TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,14 +364,13 @@ def validate(config: TrainConfig) -> None:
     if loop.minibatch_size % loop.micro_batches:
         raise ConfigError(f"loop.minibatch_size={loop.minibatch_size} is not a multiple of "
                           f"loop.micro_batches={loop.micro_batches}")
-    if loop.ratio_level not in ("token", "turn", "trajectory", "none"):
-        raise ConfigError(f"loop.ratio_level={loop.ratio_level!r}; valid: token, turn, trajectory, none")
-    if loop.clip not in ("asymmetric", "symmetric"):
-        raise ConfigError(f"loop.clip={loop.clip!r}; valid: asymmetric, symmetric")
-    if loop.ei_filter not in ("best_of_group", "success"):
-        raise ConfigError(f"loop.ei_filter={loop.ei_filter!r}; valid: best_of_group, success")
-    if config.sft.per not in ("token", "trajectory"):
-        raise ConfigError(f"sft.per={config.sft.per!r}; valid: token, trajectory")
+    check_choice(loop.ratio_level, choices.RATIO_LEVELS, "loop.ratio_level", ConfigError)
+    check_choice(loop.clip, choices.CLIP_MODES, "loop.clip", ConfigError)
+    check_choice(loop.ei_filter, choices.FINETUNE_FILTERS, "loop.ei_filter", ConfigError)
+    check_choice(config.sft.per, choices.SFT_NORMALISATIONS, "sft.per", ConfigError)
+    unknown_targets = [t for t in config.lora.targets if t not in choices.LORA_TARGETS]
+    if unknown_targets or not config.lora.targets:
+        raise ConfigError(f"lora.targets={list(config.lora.targets)!r}; valid: {', '.join(choices.LORA_TARGETS)}")
     for key in ("epochs", "batch_size", "demos", "log_every", "checkpoint_every"):
         if getattr(config.sft, key) < 1:
             raise ConfigError(f"sft.{key}={getattr(config.sft, key)} must be >= 1")
@@ -357,6 +408,12 @@ def model_folder(section: ModelSection) -> Path | None:
                           "Face model folder (download one with `huggingface-cli download Qwen/Qwen2.5-32B-Instruct "
                           "--local-dir DIR` on a networked machine)")
     return folder
+
+
+def shared_fields(section: Any, target: type) -> dict:
+    """The settings of `section` that the dataclass `target` (the runtime object it configures) has too, by name."""
+    names = {field.name for field in dataclasses.fields(target)}
+    return {field.name: getattr(section, field.name) for field in dataclasses.fields(section) if field.name in names}
 
 
 def to_dict(config: TrainConfig) -> dict:

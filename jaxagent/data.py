@@ -19,9 +19,10 @@ from typing import Callable, Sequence
 import grain
 
 from jaxagent.envs.base import Environment, Message
+from jaxagent.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad training data (a malformed JSONL line, an empty split); the message says where and what is expected."""
 
 

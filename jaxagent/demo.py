@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxagent import cli
 from jaxagent.checkpoint import Policy, save_policy
+from jaxagent.errors import run_main
 from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
 from jaxagent.models import KVCache, LoraConfig, ModelConfig, forward, init_cache, init_params
 from jaxagent.models.hf import load_hf_params, save_hf_checkpoint
@@ -152,4 +152,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.getLogger().setLevel(logging.WARNING)
-    sys.exit(cli.run(main))
+    sys.exit(run_main(main))

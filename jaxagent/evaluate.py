@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxagent import cli
 from jaxagent.algorithms.common import PolicyParams, evaluate
 from jaxagent.checkpoint import is_policy_folder, load_policy
 from jaxagent.config import ConfigError, load_config
+from jaxagent.errors import run_main
 from jaxagent.metrics import final_table
 
 
@@ -65,4 +65,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(run_main(main))

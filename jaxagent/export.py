@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxagent import cli
 from jaxagent.checkpoint import is_policy_folder, load_policy
+from jaxagent.errors import run_main
 from jaxagent.models.config import resolve_dtype
 from jaxagent.models.hf import CheckpointError, is_hf_folder, load_hf_params, save_hf_checkpoint
 
@@ -54,4 +54,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(run_main(main))

@@ -16,22 +16,23 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-CLIP_MODES = ("asymmetric", "symmetric")
-RATIO_LEVELS = ("token", "turn", "trajectory", "none")
-CRITIC_SCORES = ("trajectory_mean", "turn_sum")
+from jaxagent.errors import lookup
 
 
 def _f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
 
+# Ratio bounds [low, high] by clip mode: LOOP's code [1/(1+eps), 1+eps], or PPO's [1-eps, 1+eps].
+CLIP_BOUNDS: dict[str, Callable[[float], tuple[float, float]]] = {
+    "asymmetric": lambda epsilon: (1.0 / (1.0 + epsilon), 1.0 + epsilon),
+    "symmetric": lambda epsilon: (1.0 - epsilon, 1.0 + epsilon),
+}
+
+
 def clip_bounds(epsilon: float, clip: str) -> tuple[float, float]:
     """Ratio bounds: LOOP's code [1/(1+eps), 1+eps] (`asymmetric`) or PPO's [1-eps, 1+eps] (`symmetric`)."""
-    if clip == "asymmetric":
-        return 1.0 / (1.0 + epsilon), 1.0 + epsilon
-    if clip == "symmetric":
-        return 1.0 - epsilon, 1.0 + epsilon
-    raise ValueError(f"unknown clip mode {clip!r}; valid: {', '.join(CLIP_MODES)}")
+    return lookup(CLIP_BOUNDS, clip, "clip mode")(epsilon)
 
 
 def clipped_objective(ratio: jax.Array, advantage: jax.Array, low: float, high: float) -> jax.Array:
@@ -52,6 +53,61 @@ def turn_sums(values_NxT: jax.Array, model_mask_NxT: jax.Array, turn_index_NxT: 
     return sums, counts
 
 
+def _token_mean(values_NxT: jax.Array, mask_NxT: jax.Array) -> jax.Array:
+    """Per trajectory, the mean of `values` over its model tokens (0 for a trajectory without any)."""
+    return jnp.sum(values_NxT * mask_NxT, axis=1) / jnp.maximum(jnp.sum(mask_NxT, axis=1), 1.0)
+
+
+def _per_token(advantages: jax.Array, mask_NxT: jax.Array) -> jax.Array:
+    """[N, T] advantages from [N] (one per trajectory) or [N, T] (per token)."""
+    if advantages.ndim == 2:
+        return _f32(advantages)
+    return jnp.broadcast_to(_f32(advantages)[:, None], mask_NxT.shape)
+
+
+def _per_trajectory(advantages: jax.Array, level: str) -> jax.Array:
+    if advantages.ndim == 2:
+        raise ValueError(f"ratio_level={level!r} needs one advantage per trajectory, got shape {advantages.shape}")
+    return _f32(advantages)
+
+
+def _objective_without_ratio(new, old, mask, advantages, turns, low, high):
+    """REINFORCE / RLOO: A·log π per token, mean over model tokens."""
+    return _token_mean(_per_token(advantages, mask) * new, mask)
+
+
+def _objective_per_token(new, old, mask, advantages, turns, low, high):
+    """LOOP: r_t = exp(new_t - old_t) clipped per token, mean over model tokens."""
+    per_token = clipped_objective(jnp.exp(new - old), _per_token(advantages, mask), low, high)
+    return _token_mean(per_token, mask)
+
+
+def _objective_per_trajectory(new, old, mask, advantages, turns, low, high):
+    """"Bandit": one ratio for the whole trajectory, the product of its tokens' ratios."""
+    ratio = jnp.exp(jnp.sum((new - old) * mask, axis=1))
+    return clipped_objective(ratio, _per_trajectory(advantages, "trajectory"), low, high)
+
+
+def _objective_per_turn(new, old, mask, advantages, turns, low, high):
+    """One ratio per agent turn (the product over its tokens), mean over the trajectory's turns."""
+    adv = _per_trajectory(advantages, "turn")
+    if turns is None:
+        raise ValueError("ratio_level='turn' needs turn_index_NxT")
+    log_ratio, counts = turn_sums(new - old, mask, turns)
+    present = counts > 0
+    per_turn = clipped_objective(jnp.exp(log_ratio), adv[:, None], low, high)
+    return jnp.sum(jnp.where(present, per_turn, 0.0), axis=1) / jnp.maximum(jnp.sum(present, axis=1), 1)
+
+
+# Per-trajectory objectives by importance-ratio level: (new, old, mask, advantages, turns, low, high) -> [N].
+RATIO_OBJECTIVES: dict[str, Callable[..., jax.Array]] = {
+    "token": _objective_per_token,
+    "turn": _objective_per_turn,
+    "trajectory": _objective_per_trajectory,
+    "none": _objective_without_ratio,
+}
+
+
 def policy_loss(logp_new_NxT: jax.Array, logp_old_NxT: jax.Array, model_mask_NxT: jax.Array,
                 advantages: jax.Array, turn_index_NxT: jax.Array | None = None, *, epsilon: float = 0.1,
                 clip: str = "asymmetric", ratio_level: str = "token", ref_logp_NxT: jax.Array | None = None,
@@ -64,47 +120,19 @@ def policy_loss(logp_new_NxT: jax.Array, logp_old_NxT: jax.Array, model_mask_NxT
     -A·log π, mean over model tokens). With `kl_coef`, GRPO's k3 estimator exp(ref-new) - (ref-new) - 1 to a
     reference policy, averaged over model tokens, is added to each trajectory's loss.
     """
-    if ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"unknown ratio level {ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
+    objective_fn = lookup(RATIO_OBJECTIVES, ratio_level, "ratio level")
     low, high = clip_bounds(epsilon, clip)
     mask = _f32(model_mask_NxT)
-    tokens_per_traj = jnp.sum(mask, axis=1)
-    has_tokens = tokens_per_traj > 0
+    has_tokens = jnp.sum(mask, axis=1) > 0
     valid = has_tokens if valid_N is None else has_tokens & valid_N.astype(bool)
-    new, old = _f32(logp_new_NxT), _f32(logp_old_NxT)
-    per_token_adv = advantages.ndim == 2
-    adv_NxT = _f32(advantages) if per_token_adv else jnp.broadcast_to(_f32(advantages)[:, None], mask.shape)
-
-    if ratio_level == "none":
-        objective = jnp.sum(adv_NxT * new * mask, axis=1) / jnp.maximum(tokens_per_traj, 1.0)
-    elif ratio_level == "token":
-        ratio = jnp.exp(new - old)
-        per_token = clipped_objective(ratio, adv_NxT, low, high)
-        objective = jnp.sum(per_token * mask, axis=1) / jnp.maximum(tokens_per_traj, 1.0)
-    else:
-        if per_token_adv:
-            raise ValueError(f"ratio_level={ratio_level!r} needs one advantage per trajectory, got shape "
-                             f"{advantages.shape}")
-        adv = _f32(advantages)
-        if ratio_level == "trajectory":
-            ratio = jnp.exp(jnp.sum((new - old) * mask, axis=1))
-            objective = clipped_objective(ratio, adv, low, high)
-        else:
-            if turn_index_NxT is None:
-                raise ValueError("ratio_level='turn' needs turn_index_NxT")
-            log_ratio, counts = turn_sums(new - old, model_mask_NxT, turn_index_NxT)
-            present = counts > 0
-            per_turn = clipped_objective(jnp.exp(log_ratio), adv[:, None], low, high)
-            objective = jnp.sum(jnp.where(present, per_turn, 0.0), axis=1) / jnp.maximum(
-                jnp.sum(present, axis=1), 1)
-
-    loss = -objective
+    new = _f32(logp_new_NxT)
+    loss = -objective_fn(new, _f32(logp_old_NxT), mask, advantages, turn_index_NxT, low, high)
     if kl_coef:
         if ref_logp_NxT is None:
             raise ValueError("kl_coef > 0 needs ref_logp_NxT")
         log_ref_over_new = _f32(ref_logp_NxT) - new
         k3 = jnp.exp(log_ref_over_new) - log_ref_over_new - 1.0
-        loss = loss + kl_coef * jnp.sum(k3 * mask, axis=1) / jnp.maximum(tokens_per_traj, 1.0)
+        loss = loss + kl_coef * jnp.sum(k3 * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
     return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
@@ -156,23 +184,32 @@ def dpo_loss(logp_chosen_PxT: jax.Array, mask_chosen_PxT: jax.Array, ref_chosen_
     return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
+def _trajectory_mean_score(log_ratio_NxT, model_mask_NxT, turn_index_NxT):
+    """The public code: one mean of the log-ratio over all the trajectory's agent tokens."""
+    mask = _f32(model_mask_NxT)
+    return jnp.sum(log_ratio_NxT * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+
+def _turn_sum_score(log_ratio_NxT, model_mask_NxT, turn_index_NxT):
+    """The paper: the sum over turns of the turn advantage, the mean log-ratio over the turn's tokens."""
+    if turn_index_NxT is None:
+        raise ValueError("score='turn_sum' needs turn_index_NxT")
+    sums, counts = turn_sums(log_ratio_NxT, model_mask_NxT, turn_index_NxT)
+    return jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0), axis=1)
+
+
+CRITIC_SCORES: dict[str, Callable[..., jax.Array]] = {
+    "trajectory_mean": _trajectory_mean_score,
+    "turn_sum": _turn_sum_score,
+}
+
+
 def critic_scores(critic_logp_NxT: jax.Array, ref_logp_NxT: jax.Array, model_mask_NxT: jax.Array,
                   turn_index_NxT: jax.Array | None = None, score: str = "trajectory_mean") -> jax.Array:
-    """SWEET-RL's trajectory score from the critic's per-token log-ratio to its frozen copy, [N].
-
-    `turn_sum` (paper): Σ over turns of the turn advantage, the mean log-ratio over the turn's tokens.
-    `trajectory_mean` (public code): one mean of the log-ratio over all the trajectory's agent tokens.
-    """
-    log_ratio = _f32(critic_logp_NxT) - _f32(ref_logp_NxT)
-    if score == "trajectory_mean":
-        mask = _f32(model_mask_NxT)
-        return jnp.sum(log_ratio * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-    if score == "turn_sum":
-        if turn_index_NxT is None:
-            raise ValueError("score='turn_sum' needs turn_index_NxT")
-        sums, counts = turn_sums(log_ratio, model_mask_NxT, turn_index_NxT)
-        return jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0), axis=1)
-    raise ValueError(f"unknown critic score {score!r}; valid: {', '.join(CRITIC_SCORES)}")
+    """SWEET-RL's trajectory score from the critic's per-token log-ratio to its frozen copy, [N]
+    (`turn_sum`: the paper's sum of per-turn means; `trajectory_mean`: the public code's one mean)."""
+    score_fn = lookup(CRITIC_SCORES, score, "critic score")
+    return score_fn(_f32(critic_logp_NxT) - _f32(ref_logp_NxT), model_mask_NxT, turn_index_NxT)
 
 
 def turn_advantages(critic_logp_NxT: jax.Array, ref_logp_NxT: jax.Array, model_mask_NxT: jax.Array,
@@ -193,21 +230,3 @@ def bradley_terry_loss(critic_chosen_PxT: jax.Array, ref_chosen_PxT: jax.Array, 
     loss = -jax.nn.log_sigmoid(beta * better - beta * worse)
     valid = jnp.ones(loss.shape, bool) if valid_P is None else valid_P.astype(bool)
     return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
-
-
-# Losses by name, so an ablation is a configuration key.
-LOSSES: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
-    "policy": policy_loss,
-    "value": value_loss,
-    "sft": sft_loss,
-    "dpo": dpo_loss,
-    "bradley_terry": bradley_terry_loss,
-}
-
-
-def get_loss(name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """The loss function called `name`."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}") from None

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from jaxagent.config import TRUNCATION_NOTE, RolloutConfig
 from jaxagent.envs.base import COMPLETED, CONTEXT_OVERFLOW, ENV_ERROR, MAX_TURNS, Environment, Outcome, StepResult
 from jaxagent.sampling import Batch, Sampler, SamplingParams
 from jaxagent.tokens import ChatRenderer, Conversation
@@ -36,38 +37,6 @@ from jaxagent.trajectory import Trajectory, turn_indices
 
 log = logging.getLogger(__name__)
 
-TRUNCATION_NOTE = "Execution output is too long and is not fully shown."
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """Episode limits and how collection is scheduled (defaults: LOOP's AppWorld settings)."""
-
-    max_turns: int = 40
-    max_tokens_per_turn: int = 1500
-    max_context: int = 32768
-    max_observation_tokens: int = 3000
-    truncation_note: str = TRUNCATION_NOTE
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    decode_chunk: int = 64  # tokens decoded between two looks at the environments
-    max_concurrent: int = 64  # episodes (sampler rows) alive at once
-    env_workers: int = 8
-    env_timeout_s: float = 120.0
-    early_stop_fraction: float = 0.0  # LOOP: 0.9 -- end the round when this fraction is done ...
-    early_stop_min_per_task: int = 0  # ... and every task has at least this many finished rollouts (LOOP: 4)
-    # Wait for every environment step before decoding again: slower, but the round no longer depends on how fast
-    # each environment answered, so a run (and a run resumed from a checkpoint) repeats exactly.
-    deterministic: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("max_turns", "max_tokens_per_turn", "max_context", "max_observation_tokens", "decode_chunk",
-                     "max_concurrent", "env_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
-        if not 0.0 <= self.early_stop_fraction <= 1.0:
-            raise ValueError(f"rollout.early_stop_fraction={self.early_stop_fraction} must be in [0, 1]")
 
 
 class EnvWorkers:
@@ -267,17 +236,14 @@ class _Engine:
             self._finish_by_harness(episode, finished, MAX_TURNS)
             return None
         conversation = episode.conversation
-        before = (len(conversation.token_ids), len(conversation.model_mask), len(conversation.messages),
-                  conversation.rendered, conversation.pending)
+        before = conversation.mark()
         text = truncate_observation(self.renderer, result.observation, self.config.max_observation_tokens,
                                     self.config.truncation_note)
         conversation.add_message({"role": "user", "content": text})
         conversation.add_generation_prompt()
         if len(conversation.token_ids) >= self.config.max_context:
             # The observation does not fit: the model never sees it, so the record stops before it.
-            del conversation.token_ids[before[0]:], conversation.model_mask[before[1]:]
-            del conversation.messages[before[2]:]
-            conversation.rendered, conversation.pending, conversation.awaiting_generation = before[3], before[4], False
+            conversation.rollback(before)
             self._finish_by_harness(episode, finished, CONTEXT_OVERFLOW)
             return None
         chunk = conversation.token_ids[episode.synced:]

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxagent.buckets import POWERS_OF_TWO, round_up
+from jaxagent.errors import UserError
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
 from jaxagent.models.transformer import KVCache, forward, init_cache
@@ -32,19 +34,10 @@ from jaxagent.sharding import CACHE_AXES, SAMPLE_RULES, Rules, sharding_for
 
 STOP_REASONS = ("running", "stop_token", "stop_sequence", "stop_string", "max_new_tokens", "cache_full")
 _RUNNING, _STOP_TOKEN, _STOP_SEQUENCE, _STOP_STRING, _MAX_NEW, _CACHE_FULL = range(6)
-POWERS_OF_TWO = tuple(2**k for k in range(20))
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError):
     """Bad input to the sampler; the message names the value and what would be valid."""
-
-
-def round_up(n: int, sizes: Sequence[int], what: str) -> int:
-    """The smallest bucket size >= n."""
-    for size in sizes:
-        if size >= n:
-            return size
-    raise SamplingError(f"{what}={n} exceeds the largest bucket {max(sizes)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxagent.errors import UserError
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
 from jaxagent.models.transformer import abstract_params, param_axes
@@ -45,7 +46,7 @@ CACHE_AXES = (("layers", "batch", "kv_heads", "length", "head_dim"),
               ("batch",))
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """A mesh shape that cannot be built on the devices present; the message says what would be valid."""
 
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from jaxagent.errors import UserError
+
 Message = dict[str, Any]
 _SENTINEL = "JAXAGENT_SENTINEL_7Q"
 
 
-class TemplateNotAppendOnly(ValueError):
+class TemplateNotAppendOnly(UserError):
     """The chat template changed text it had already rendered when a message was added."""
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError):
     """The tokenizer has no usable chat template, or its end-of-turn token cannot be found."""
 
 
@@ -80,6 +82,17 @@ class ChatRenderer:
                 f"cannot find the end-of-turn token after an assistant message (template renders {after!r} after it); "
                 f"pass end_of_turn= explicitly")
         return self.tokenizer.convert_ids_to_tokens(ids[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationMark:
+    """Where a conversation stood (see Conversation.mark)."""
+
+    tokens: int
+    messages: int
+    rendered: str
+    pending: str
+    awaiting_generation: bool
 
 
 @dataclasses.dataclass
@@ -156,6 +169,18 @@ class Conversation:
         self.pending = ""
         self._append(ids, 0)
         return ids
+
+    # ---- undo ---------------------------------------------------------------------------------------------------
+
+    def mark(self) -> "ConversationMark":
+        """The conversation's current extent, to `rollback` to (e.g. when an observation would not fit)."""
+        return ConversationMark(len(self.token_ids), len(self.messages), self.rendered, self.pending,
+                                self.awaiting_generation)
+
+    def rollback(self, mark: "ConversationMark") -> None:
+        """Forget everything added after `mark`: ids, mask, messages and the template state."""
+        del self.token_ids[mark.tokens:], self.model_mask[mark.tokens:], self.messages[mark.messages:]
+        self.rendered, self.pending, self.awaiting_generation = mark.rendered, mark.pending, mark.awaiting_generation
 
     # ---- internals ---------------------------------------------------------------------------------------------
 

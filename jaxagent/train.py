@@ -25,13 +25,23 @@ from typing import Sequence
 
 import jax
 
-from jaxagent import cli
-from jaxagent.algorithms import STAGE_RUNNERS
+from jaxagent.algorithms import get_stage_runner
 from jaxagent.algorithms.common import PolicyParams, Setup
 from jaxagent.atomic import staged_file
 from jaxagent.checkpoint import Policy, is_policy_folder, load_policy, save_policy
-from jaxagent.config import DEFAULT_CONFIG, ConfigError, TrainConfig, load_config, model_folder, save_resolved, to_dict
-from jaxagent.envs import base as envs
+from jaxagent.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    ModelSection,
+    TrainConfig,
+    load_config,
+    model_folder,
+    save_resolved,
+    shared_fields,
+    to_dict,
+)
+from jaxagent.envs import registry as envs
+from jaxagent.errors import run_main
 from jaxagent.metrics import MetricsLog, final_table, plot_rewards
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
@@ -62,28 +72,9 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
     def make_env(task_id: str, seed: int):
         return envs.make_env(env.name, task_id, seed, service, **env.options)
 
-    lora = (LoraConfig(config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.targets)
-            if config.lora.enabled else None)
+    lora = LoraConfig(**shared_fields(config.lora, LoraConfig)) if config.lora.enabled else None
     key = jax.random.key(config.seed)
-    if folder is not None:
-        from transformers import AutoTokenizer
-
-        from jaxagent.models.hf import load_hf_params
-
-        model, params = load_hf_params(folder, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                                       remat=config.model.remat)
-        tokenizer, tokenizer_dir = AutoTokenizer.from_pretrained(str(folder)), folder
-    else:
-        tokenizer, tokenizer_dir = local_tokenizer(config, run_dir, make_env)
-        model = ModelConfig(family=config.model.family, vocab_size=len(tokenizer),
-                            hidden_size=config.model.hidden_size, intermediate_size=config.model.intermediate_size,
-                            num_layers=config.model.num_layers, num_heads=config.model.num_heads,
-                            num_kv_heads=config.model.num_kv_heads, head_dim=config.model.head_dim,
-                            qkv_bias=config.model.family == "qwen2", tie_word_embeddings=True,
-                            max_position_embeddings=max(config.rollout.max_context, 2048),
-                            remat=config.model.remat).replace(dtype=config.model.dtype,
-                                                              param_dtype=config.model.param_dtype)
-        params, _ = init_params(model, key)
+    model, params, tokenizer, tokenizer_dir = policy_model(config, folder, run_dir, make_env, key)
     lora_params = None
     if lora is not None:
         # Only the adapters are materialised: XLA drops the unused random base weights.
@@ -94,6 +85,31 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
     setup = Setup(config, model, lora, Path(tokenizer_dir), renderer, make_env, sampler, run_dir,
                   MetricsLog(run_dir), service)
     return setup, PolicyParams(params, lora_params)
+
+
+def policy_model(config: TrainConfig, folder: Path | None, run_dir: Path, make_env, key: jax.Array):
+    """(model config, parameters, tokenizer, tokenizer folder): a Hugging Face folder's, or a new decoder's with a
+    tokenizer trained locally."""
+    if folder is not None:
+        from transformers import AutoTokenizer
+
+        from jaxagent.models.hf import load_hf_params
+
+        model, params = load_hf_params(folder, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                                       remat=config.model.remat)
+        return model, params, AutoTokenizer.from_pretrained(str(folder)), folder
+    tokenizer, tokenizer_dir = local_tokenizer(config, run_dir, make_env)
+    model = scratch_model(config.model, len(tokenizer), config.rollout.max_context)
+    params, _ = init_params(model, key)
+    return model, params, tokenizer, tokenizer_dir
+
+
+def scratch_model(section: ModelSection, vocab_size: int, max_context: int) -> ModelConfig:
+    """The decoder of a model trained from scratch: the section's shapes, tied embeddings, Qwen2's q/k/v bias."""
+    shapes = shared_fields(section, ModelConfig)
+    dtypes = {name: shapes.pop(name) for name in ("dtype", "param_dtype")}
+    return ModelConfig(**{**shapes, "vocab_size": vocab_size}, qkv_bias=section.family == "qwen2",
+                       tie_word_embeddings=True, max_position_embeddings=max(max_context, 2048)).replace(**dtypes)
 
 
 def local_tokenizer(config: TrainConfig, run_dir: Path, make_env):
@@ -146,7 +162,7 @@ def run_stages(setup: Setup, policy: PolicyParams) -> dict:
             results[name] = json.loads(result_file.read_text())
             log.info("stage %s already finished; skipped", name)
             continue
-        policy, stats = STAGE_RUNNERS[name](setup, index, name, policy)
+        policy, stats = get_stage_runner(name)(setup, index, name, policy)
         policy_dir = stage_dir / "policy"
         if policy_dir.exists():  # left by a crash between saving the policy and its result
             shutil.rmtree(policy_dir)
@@ -197,4 +213,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(run_main(main))

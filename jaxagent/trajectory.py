@@ -1,4 +1,5 @@
-"""The record that flows from rollout to update, and its padding into fixed-shape arrays.
+"""The records that flow from rollout to update: trajectories, their padding into fixed-shape arrays, and the
+batches the update step takes (sequences for policy-gradient and SFT losses, chosen/rejected pairs for DPO).
 
 A trajectory holds the exact ids the model saw and produced (never re-tokenized), a mask that is 1 on the tokens
 the policy sampled, their log-probs at sampling time, the agent-turn number of each sampled token, the reward in
@@ -8,9 +9,14 @@ the policy sampled, their log-probs at sampling time, the agent-turn number of e
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
+
+from jaxagent.buckets import LENGTH_BUCKETS, round_up
+
+if TYPE_CHECKING:
+    import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,20 +59,10 @@ def turn_indices(model_mask: np.ndarray) -> np.ndarray:
     return np.where(mask, np.cumsum(starts) - 1, -1).astype(np.int32)
 
 
-def round_up(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= n (the last bucket's multiples beyond it)."""
-    for size in buckets:
-        if size >= n:
-            return size
-    step = buckets[-1]
-    return -(-n // step) * step
-
-
-def pad_trajectories(trajectories: Sequence[Trajectory], length_buckets: Sequence[int] = (256, 512, 1024, 2048, 4096,
-                                                                                          8192, 16384, 32768),
+def pad_trajectories(trajectories: Sequence[Trajectory], length_buckets: Sequence[int] = LENGTH_BUCKETS,
                      rows: int | None = None) -> dict[str, np.ndarray]:
     """Right-padded [N, T] arrays (T rounded up to a bucket; N to `rows` if given, padding rows weigh 0)."""
-    length = round_up(max(len(t.token_ids) for t in trajectories), length_buckets)
+    length = round_up(max(len(t.token_ids) for t in trajectories), length_buckets, "trajectory length")
     count = rows or len(trajectories)
     if count < len(trajectories):
         raise ValueError(f"rows={rows} is fewer than the {len(trajectories)} trajectories")
@@ -91,3 +87,29 @@ def pad_trajectories(trajectories: Sequence[Trajectory], length_buckets: Sequenc
         out["group_id"][i] = t.group_id
         out["valid"][i] = 1.0
     return out
+
+
+class SequenceBatch(NamedTuple):
+    """Trajectories for policy-gradient and SFT losses; [N, T] per token, [N] per trajectory."""
+
+    tokens_NxT: jax.Array
+    segment_ids_NxT: jax.Array  # 1 on real tokens, 0 on padding
+    model_mask_NxT: jax.Array
+    turn_index_NxT: jax.Array
+    sample_logprobs_NxT: jax.Array  # from the sampler
+    old_logprobs_NxT: jax.Array  # recomputed by the learner before the update
+    advantages: jax.Array  # [N], or [N, T] per token (PPO)
+    weights_N: jax.Array  # 1 = trained on (kept by the filters), 0 = ignored
+    returns_NxT: jax.Array | None = None  # PPO value targets
+    ref_logprobs_NxT: jax.Array | None = None  # reference policy; computed in the step when None and LoRA is on
+
+
+class PairBatch(NamedTuple):
+    """Chosen/rejected pairs for DPO and the Bradley-Terry critic: [P, 2, T] with index 0 chosen, 1 rejected."""
+
+    tokens_Px2xT: jax.Array
+    segment_ids_Px2xT: jax.Array
+    model_mask_Px2xT: jax.Array
+    turn_index_Px2xT: jax.Array
+    valid_P: jax.Array
+    ref_logprobs_Px2xT: jax.Array | None = None

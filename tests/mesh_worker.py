@@ -82,6 +82,7 @@ def update_under_meshes(config, params) -> dict:
     from jaxagent.models import LoraConfig, init_params
     from jaxagent.update import (  # noqa: I001
         SequenceBatch,
+        StepShardings,
         UpdateConfig,
         batch_shardings,
         init_train_state,
@@ -100,15 +101,17 @@ def update_under_meshes(config, params) -> dict:
     batch = SequenceBatch(tokens, segments, mask, jnp.zeros_like(tokens), logp, logp - 0.02,
                           jnp.asarray(rng.normal(0, 1, 8), jnp.float32), jnp.ones(8))
     update_config = UpdateConfig(micro_batches=2)
-    step = make_update_step(config, update_config, lora)
 
     def run(mesh=None):
         state = init_train_state({"lora": jax.tree.map(jnp.copy, lora_params)}, update_config)
         frozen, data = {"params": params}, batch
+        step = make_update_step(config, update_config, lora)
         if mesh is not None:
-            state = jax.device_put(state, train_state_shardings(state, config, mesh, update_config, lora))
-            frozen = jax.device_put(frozen, {"params": param_shardings(config, mesh, TRAIN_RULES)[0]})
+            shardings = StepShardings(train_state_shardings(state, config, mesh, update_config, lora),
+                                      {"params": param_shardings(config, mesh, TRAIN_RULES)[0]})
+            state, frozen = jax.device_put(state, shardings.state), jax.device_put(frozen, shardings.frozen)
             data = jax.device_put(batch, batch_shardings(batch, mesh))
+            step = make_update_step(config, update_config, lora, shardings=shardings)
         for i in range(2):
             state, metrics = step(state, frozen, data, jax.random.key(i))
         return state, metrics

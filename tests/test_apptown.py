@@ -9,7 +9,8 @@ import pytest
 
 from jaxagent.envs.apptown import AppTownEnv
 from jaxagent.envs.apptown.tasks import SPLIT_SEEDS, TEMPLATES, expert_turns, make_task, split_tasks
-from jaxagent.envs.base import EnvError, list_tasks, make_env
+from jaxagent.envs.base import EnvError
+from jaxagent.envs.registry import list_tasks, make_env
 
 
 def _play(env: AppTownEnv, turns: list[str]) -> float:

@@ -21,7 +21,8 @@ from jaxagent.envs.appworld import ServerPool, data_root, default_home, ensure_h
 from jaxagent.envs.appworld.__main__ import as_agent_turn, check
 from jaxagent.envs.appworld.env import AppWorldEnv
 from jaxagent.envs.appworld.offline_tasks import TASKS, split_task_ids
-from jaxagent.envs.base import ENV_ERROR, EnvError, list_tasks
+from jaxagent.envs.base import ENV_ERROR, EnvError
+from jaxagent.envs.registry import list_tasks
 from jaxagent.metrics import goal_completion
 
 REPO = Path(__file__).resolve().parents[1]

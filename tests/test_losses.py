@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxagent import losses
+from jaxagent import losses, objectives
 
 N, T = 6, 24
 
@@ -253,4 +253,4 @@ def test_bad_names_are_refused():
     with pytest.raises(ValueError, match="unknown clip mode 'both'; valid: asymmetric, symmetric"):
         losses.policy_loss(J(new), J(old), J(mask), J(np.zeros(N)), clip="both")
     with pytest.raises(ValueError, match="unknown loss 'ppo2'; valid: policy, value, sft, dpo, bradley_terry"):
-        losses.get_loss("ppo2")
+        objectives.get_loss("ppo2")

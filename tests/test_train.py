@@ -17,7 +17,7 @@ from jaxagent.algorithms import loop as loop_algorithms
 from jaxagent.algorithms.batching import LogprobComputer
 from jaxagent.checkpoint import load_policy
 from jaxagent.config import load_config
-from jaxagent.envs.base import list_tasks
+from jaxagent.envs.registry import list_tasks
 from jaxagent.evaluate import evaluate_run
 from jaxagent.rollout import collect
 from jaxagent.train import build_setup, train
@@ -88,16 +88,13 @@ def test_each_algorithm_updates_the_policy(name, rollouts):
     setup, policy, config, trajectories = rollouts
     loop_cfg = dataclasses.replace(config.loop, minibatch_size=4, critic_warmup_iterations=0)
     update_config = UpdateConfig(loop_algorithms.loss_config(name, loop_cfg, 4, 1.0), config.optim)
-    trainable = policy.trainable()
-    if name == "ppo":
-        from jaxagent.models.heads import init_value_head
-
-        trainable["value_head"] = init_value_head(setup.model)
+    stage = loop_algorithms.RLStage(name, loop_algorithms.get_algorithm(name), loop_cfg, update_config,
+                                    make_update_step(setup.model, update_config, None),
+                                    LogprobComputer(setup.model, None, 1.0), frozen={})
+    trainable = loop_algorithms.trainable_of(stage, setup, policy)
     before = [np.asarray(x) for x in jax.tree.leaves(trainable)]
     state = init_train_state(jax.tree.map(lambda x: x.copy(), trainable), update_config)
-    update = make_update_step(setup.model, update_config, None)
-    state, stats = loop_algorithms._learn(name, state, {}, trajectories, LogprobComputer(setup.model, None, 1.0),
-                                          update, update_config, loop_cfg, 1, np.random.default_rng(0),
+    state, stats = loop_algorithms._learn(stage, state, trajectories, 1, np.random.default_rng(0),
                                           jax.random.key(1))
     # Group-relative advantages drop the rollout whose reward equals its group's mean (0.5 in [1, 0, 0.5]);
     # expert iteration keeps each group's best rollout when it succeeds.

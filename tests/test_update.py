@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxagent.config import ConfigError
 from jaxagent.models import LoraConfig, ModelConfig, forward, init_params
 from jaxagent.models.heads import init_value_head
 from jaxagent.update import (
@@ -193,15 +194,16 @@ def test_full_parameter_training_without_lora(weights):
         dpo.gradients({"params": params}, {}, pair, 0, jax.random.key(0))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: LossConfig(kind="ppo2"), "loss.kind='ppo2'; valid: policy, sft, dpo, bradley_terry"),
-    (lambda: LossConfig(ratio_level="step"), "loss.ratio_level='step'; valid: token, turn, trajectory, none"),
-    (lambda: OptimConfig(schedule="cosine"), "optim.schedule='cosine' needs optim.total_steps > 0"),
-    (lambda: OptimConfig(schedule="exp"), "optim.schedule='exp'; valid: constant, linear, cosine"),
-    (lambda: UpdateConfig(micro_batches=0), "micro_batches=0 must be >= 1"),
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: LossConfig(kind="ppo2"), UpdateConfigError, "loss.kind='ppo2'; valid: policy, sft, dpo, bradley_terry"),
+    (lambda: LossConfig(ratio_level="step"), UpdateConfigError,
+     "loss.ratio_level='step'; valid: token, turn, trajectory, none"),
+    (lambda: OptimConfig(schedule="cosine"), ConfigError, "optim.schedule='cosine' needs optim.total_steps > 0"),
+    (lambda: OptimConfig(schedule="exp"), ConfigError, "optim.schedule='exp'; valid: constant, linear, cosine"),
+    (lambda: UpdateConfig(micro_batches=0), UpdateConfigError, "micro_batches=0 must be >= 1"),
 ])
-def test_bad_update_config_names_the_field(make, message):
-    with pytest.raises(UpdateConfigError, match=message):
+def test_bad_update_config_names_the_field(make, error, message):
+    with pytest.raises(error, match=message):
         make()
 
 

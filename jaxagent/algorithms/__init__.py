@@ -1,8 +1,20 @@
-"""Outer training loops, one per stage kind: `sft` (behaviour cloning) and the policy-gradient family in `loop`."""
+"""Outer training loops, one per stage kind: `sft` (behaviour cloning) and the policy-gradient family in `loop`.
+
+Adding a stage kind: a module with `run(setup, stage_index, name, policy) -> (policy, eval_stats)`, one entry in
+`STAGE_RUNNERS` and its name in `jaxagent.choices.STAGES`.
+"""
+
+from typing import Callable
 
 from jaxagent.algorithms import loop, sft
-from jaxagent.config import RL_STAGES
+from jaxagent.errors import lookup
 
-STAGE_RUNNERS = {"sft": sft.run, **{name: loop.run for name in RL_STAGES}}
+STAGE_RUNNERS: dict[str, Callable] = {"sft": sft.run, **{name: loop.run for name in loop.ALGORITHMS}}
 
-__all__ = ["STAGE_RUNNERS"]
+
+def get_stage_runner(name: str) -> Callable:
+    """The function that runs a stage called `name`."""
+    return lookup(STAGE_RUNNERS, name, "stage")
+
+
+__all__ = ["STAGE_RUNNERS", "get_stage_runner"]

@@ -15,10 +15,8 @@ import numpy as np
 
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
-from jaxagent.trajectory import Trajectory, pad_trajectories
-from jaxagent.update import SequenceBatch, sequence_logprobs
-
-LENGTH_BUCKETS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384, 32768)
+from jaxagent.objectives import sequence_logprobs
+from jaxagent.trajectory import SequenceBatch, Trajectory, pad_trajectories
 
 
 def sequence_batch(trajectories: Sequence[Trajectory], advantages: Sequence[float] | None = None,
@@ -31,7 +29,7 @@ def sequence_batch(trajectories: Sequence[Trajectory], advantages: Sequence[floa
     Per-trajectory arrays (old log-probs, per-token advantages and returns for PPO) have each trajectory's length.
     Without old log-probs the sampler's are used (SFT ignores them).
     """
-    padded = pad_trajectories(trajectories, LENGTH_BUCKETS, rows)
+    padded = pad_trajectories(trajectories, rows=rows)
     count, length = padded["tokens"].shape
     n = len(trajectories)
     if token_advantages is not None:
@@ -78,7 +76,7 @@ class LogprobComputer:
         logps, values = [], []
         for start in range(0, len(trajectories), rows_per_call):
             part = trajectories[start:start + rows_per_call]
-            padded = pad_trajectories(part, LENGTH_BUCKETS, rows_per_call)
+            padded = pad_trajectories(part, rows=rows_per_call)
             logp, value = self._run(params, lora_params, value_head, jnp.asarray(padded["tokens"]),
                                     jnp.asarray(padded["segment_ids"]))
             logp = np.asarray(logp)

@@ -17,7 +17,8 @@ import numpy as np
 
 from jaxagent.checkpoint import StageCheckpoints
 from jaxagent.config import TrainConfig
-from jaxagent.envs.base import Environment, get_spec, list_tasks
+from jaxagent.envs.base import Environment
+from jaxagent.envs.registry import get_spec, list_tasks
 from jaxagent.metrics import MetricsLog, goal_completion, rollout_stats
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig

@@ -18,7 +18,7 @@ from jaxagent.algorithms.batching import sequence_batch
 from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup, eval_seed, evaluate
 from jaxagent.atomic import staged_file
 from jaxagent.data import DataError, expert_demonstrations, read_conversations
-from jaxagent.envs.base import list_tasks
+from jaxagent.envs.registry import list_tasks
 from jaxagent.trajectory import Trajectory, turn_indices
 from jaxagent.update import LossConfig, UpdateConfig, init_train_state, make_update_step
 

@@ -1,4 +1,4 @@
-"""The environment protocol and the registry that creates environments by name.
+"""The environment protocol: what every environment implements, and the records its steps return.
 
 An environment is one episode of one task. `reset` gives the first chat messages; `step` takes the agent's whole
 turn text (each environment declares in `parse_action` how text becomes an action, e.g. the Python blocks of a
@@ -9,9 +9,12 @@ threads, while the device decodes; they must not touch JAX.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 from typing import Any, Callable, Protocol, Sequence
+
+from jaxagent.errors import UserError
 
 Message = dict[str, str]
 
@@ -34,7 +37,7 @@ def python_cell(text: str) -> str | None:
     return code or None
 
 
-class EnvError(ValueError):
+class EnvError(UserError):
     """Bad input to an environment (unknown name, split or task id); the message says what is valid."""
 
 
@@ -91,40 +94,32 @@ class EnvSpec:
     scenario: Callable[[str], str] | None = None  # task id -> scenario, for scenario goal completion (AppWorld)
 
 
-def registry() -> dict[str, EnvSpec]:
-    """Every environment jaxagent ships, by name (imported lazily: ScienceWorld needs Java, AppWorld a server)."""
-    from jaxagent.envs.apptown import SPEC as APPTOWN
-    from jaxagent.envs.appworld import SPEC as APPWORLD
-    from jaxagent.envs.scienceworld import SPEC as SCIENCEWORLD
+class PythonCellTurns(abc.ABC):
+    """Turn handling shared by environments whose actions are Python cells (AppTown, AppWorld): a turn's ```python
+    blocks run as one cell, and the episode ends once the task has been marked complete.
 
-    return {spec.name: spec for spec in (APPTOWN, APPWORLD, SCIENCEWORLD)}
+    Subclasses implement `run_cell(code) -> output text` and `completed() -> Outcome | None`.
+    """
 
+    def parse_action(self, text: str) -> str | None:
+        """The Python of every ```python block of the turn, joined into one cell (None if there is none)."""
+        return python_cell(text)
 
-def get_spec(name: str) -> EnvSpec:
-    """The environment called `name`."""
-    specs = registry()
-    if name not in specs:
-        raise EnvError(f"unknown environment {name!r}; valid: {', '.join(sorted(specs))}")
-    return specs[name]
+    def step(self, text: str) -> StepResult:
+        """Run the turn's code; the episode ends when the agent marked the task complete."""
+        code = self.parse_action(text)
+        if code is None:
+            return StepResult(NO_CODE)
+        output = self.run_cell(code)
+        outcome = self.completed()
+        if outcome is not None:
+            return StepResult(output, done=True, reward=outcome.reward, info=outcome.info)
+        return StepResult(output)
 
+    @abc.abstractmethod
+    def run_cell(self, code: str) -> str:
+        """Execute one cell; returns what the agent sees."""
 
-def list_tasks(name: str, split: str, options: dict | None = None) -> list[str]:
-    """Task ids of one split of an environment (`options`: the run's env.options, e.g. AppWorld's data root)."""
-    spec = get_spec(name)
-    if split not in spec.splits:
-        raise EnvError(f"environment {name!r} has no split {split!r}; valid: {', '.join(spec.splits)}")
-    return list(spec.tasks(split, dict(options or {})))
-
-
-def start_service(name: str, options: dict | None = None, concurrency: int = 1) -> Any:
-    """The shared processes of a run of environment `name` (None when it needs none); close() it at the end."""
-    spec = get_spec(name)
-    return spec.start(dict(options or {}), concurrency) if spec.start is not None else None
-
-
-def make_env(name: str, task_id: str, seed: int = 0, service: Any = None, **options: Any) -> Environment:
-    """An environment for one episode of `task_id` (`service`: what start_service returned, if anything)."""
-    spec = get_spec(name)
-    if service is not None:
-        options["service"] = service
-    return spec.make(task_id, seed=seed, **options)
+    @abc.abstractmethod
+    def completed(self) -> Outcome | None:
+        """The episode's outcome once the task is marked complete, else None."""

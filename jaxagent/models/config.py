@@ -15,6 +15,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxagent.errors import UserError
+
 # architectures entry -> family. The family decides the defaults HF applies for keys a config.json may omit.
 SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
@@ -36,7 +38,7 @@ DTYPES = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """A model configuration that jaxagent cannot run; the message names the file, key and valid values."""
 
 

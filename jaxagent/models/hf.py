@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxagent.atomic import staged_folder
+from jaxagent.errors import UserError
 from jaxagent.models.config import ModelConfig, ModelConfigError
 from jaxagent.models.lora import LoraConfig, lora_delta
 from jaxagent.models.transformer import abstract_params
@@ -42,7 +43,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be imported; the message names the file or tensor and what was expected."""
 
 

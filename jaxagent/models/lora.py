@@ -13,12 +13,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-ATTENTION_TARGETS = ("q", "k", "v", "o")
-MLP_TARGETS = ("gate", "up", "down")
-VALID_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+from jaxagent.choices import LORA_TARGETS
+from jaxagent.errors import UserError
+
+VALID_TARGETS = LORA_TARGETS
 
 
-class LoraConfigError(ValueError):
+class LoraConfigError(UserError):
     """A LoRA configuration that cannot be built; the message names the bad value and what is valid."""
 
 

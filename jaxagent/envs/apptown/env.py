@@ -11,7 +11,7 @@ import json
 import random
 
 from jaxagent.envs.apptown.tasks import expert_turns, make_task, score
-from jaxagent.envs.base import NO_CODE, Message, Outcome, StepResult, python_cell
+from jaxagent.envs.base import Message, Outcome, PythonCellTurns
 from jaxagent.envs.sandbox import Sandbox, SandboxLimits
 
 SYSTEM_PROMPT = (
@@ -22,7 +22,7 @@ SYSTEM_PROMPT = (
 _WORLD = "__apptown_world"
 
 
-class AppTownEnv:
+class AppTownEnv(PythonCellTurns):
     """One AppTown episode."""
 
     def __init__(self, task_id: str, seed: int = 0, limits: SandboxLimits = SandboxLimits(cell_timeout_s=5.0,
@@ -40,22 +40,14 @@ class AppTownEnv:
         self._sandbox = Sandbox(self.limits, setup_code=setup, preload=("jaxagent.envs.apptown.world",))
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.task.instruction}]
 
-    def parse_action(self, text: str) -> str | None:
-        """The Python of every ```python block of the turn, joined into one cell (None if there is none)."""
-        return python_cell(text)
+    def run_cell(self, code: str) -> str:
+        """Run the turn's code in the episode's interpreter; returns what it printed."""
+        return self._box().run(code).text or "(no output)"
 
-    def step(self, text: str) -> StepResult:
-        """Run the turn's code; the episode ends when the task was marked complete."""
-        code = self.parse_action(text)
-        if code is None:
-            return StepResult(NO_CODE)
-        result = self._box().run(code)
-        observation = result.text or "(no output)"
+    def completed(self) -> Outcome | None:
+        """The score once the agent called `apis.supervisor.complete_task(...)`."""
         final = self._state()
-        if final.get("completed"):
-            reward, info = score(self.task, final)
-            return StepResult(observation, done=True, reward=reward, info=info)
-        return StepResult(observation)
+        return Outcome(*score(self.task, final)) if final.get("completed") else None
 
     def expert_turns(self, mistake_rate: float = 0.0, rng: random.Random | None = None) -> list[str]:
         """The scripted expert's turns for this task (with mistakes of each kind at `mistake_rate`)."""

@@ -67,7 +67,7 @@ def make(task_id: str, seed: int = 0, service: ServerPool | None = None, **optio
     """One episode of `task_id` on the run's pool."""
     if service is None:
         raise EnvError("AppWorld episodes need the run's server pool (EnvSpec.start); create them with "
-                       "jaxagent.envs.base.make_env inside open_service(...)")
+                       "jaxagent.envs.registry.make_env inside open_service(...)")
     timeouts = {k: options[k] for k in ("cell_timeout_s", "request_timeout_s") if k in options}
     return AppWorldEnv(task_id, service, seed=seed, **timeouts)
 

@@ -13,10 +13,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from jaxagent import cli
 from jaxagent.envs.appworld import AppWorldEnv, ServerPool, default_home, ensure_home
 from jaxagent.envs.appworld.offline_tasks import TASKS, OfflineTask
 from jaxagent.envs.base import Outcome
+from jaxagent.errors import run_main
 
 
 def as_agent_turn(code: str) -> str:
@@ -76,4 +76,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(run_main(main))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from jaxagent.envs.appworld.prompt import SYSTEM_PROMPT, task_message
 from jaxagent.envs.appworld.server import Server, ServerError, ServerPool
-from jaxagent.envs.base import NO_CODE, Message, Outcome, StepResult, python_cell
+from jaxagent.envs.base import Message, Outcome, PythonCellTurns
 
 
 def scenario_of(task_id: str) -> str:
@@ -21,7 +21,7 @@ def scenario_of(task_id: str) -> str:
     return task_id.split("_")[0]
 
 
-class AppWorldEnv:
+class AppWorldEnv(PythonCellTurns):
     """One AppWorld episode on a server of `pool`."""
 
     def __init__(self, task_id: str, pool: ServerPool, seed: int = 0, experiment: str = "jaxagent",
@@ -40,20 +40,13 @@ class AppWorldEnv:
                 {"role": "user", "content": task_message(task["instruction"], task["supervisor"],
                                                          str(task["datetime"]).replace("T", " "))}]
 
-    def parse_action(self, text: str) -> str | None:
-        """The Python of every ```python block of the turn, joined into one cell (None if there is none)."""
-        return python_cell(text)
+    def run_cell(self, code: str) -> str:
+        """Run the turn's code on the task's server; returns its output."""
+        return str(self._call("/execute", task_id=self.task_id, code=code))
 
-    def step(self, text: str) -> StepResult:
-        """Run the turn's code; the episode ends when the agent marked the task complete."""
-        code = self.parse_action(text)
-        if code is None:
-            return StepResult(NO_CODE)
-        output = str(self._call("/execute", task_id=self.task_id, code=code))
-        if self._call("/task_completed", task_id=self.task_id):
-            outcome = self.evaluate()
-            return StepResult(output, done=True, reward=outcome.reward, info=outcome.info)
-        return StepResult(output)
+    def completed(self) -> Outcome | None:
+        """The evaluation once the agent marked the task complete."""
+        return self.evaluate() if self._call("/task_completed", task_id=self.task_id) else None
 
     def evaluate(self) -> Outcome:
         """Run the task's tests on the current state: reward = fraction passed."""
