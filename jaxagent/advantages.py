@@ -57,10 +57,19 @@ def group_std(rewards_N: jax.Array, group_ids_N: jax.Array, valid_N: jax.Array |
     return jnp.sqrt(squares / jnp.maximum(counts - ddof, 1.0))
 
 
-def normalize_by_group_std(advantages_N: jax.Array, rewards_N: jax.Array, group_ids_N: jax.Array,
-                           valid_N: jax.Array | None = None, eps: float = 1e-4) -> jax.Array:
-    """Divide advantages by their group's reward std (+eps): GRPO, and LOOP's "RwNorm" ablation."""
-    return advantages_N / (group_std(rewards_N, group_ids_N, valid_N) + eps)
+def grpo_advantages(rewards_N: jax.Array, group_ids_N: jax.Array, valid_N: jax.Array | None = None) -> jax.Array:
+    """GRPO (DeepSeekMath, arXiv 2402.03300): A_i = (R_i - mean(R)) / std(R) over the group. The paper does not say
+    which std; this is its common reference implementation's (TRL's GRPOTrainer): the sample std (ddof 1) + 1e-4."""
+    std = group_std(rewards_N, group_ids_N, valid_N, ddof=1)
+    return group_mean(rewards_N, group_ids_N, valid_N) / (std + 1e-4)
+
+
+def leave_one_out_normalized(rewards_N: jax.Array, group_ids_N: jax.Array, valid_N: jax.Array | None = None
+                             ) -> jax.Array:
+    """LOOP's "RwNorm" ablation as apple/ml-loop computes it: the leave-one-out advantage divided by the group's
+    population std (NumPy's np.std, ddof 0) floored at 1e-7 (a group whose rewards tie gets advantage 0)."""
+    std = group_std(rewards_N, group_ids_N, valid_N, ddof=0)
+    return leave_one_out(rewards_N, group_ids_N, valid_N) / jnp.maximum(std, 1e-7)
 
 
 def keep_informative(advantages_N: jax.Array, threshold: float = 0.01,
@@ -132,10 +141,8 @@ def terminal_rewards(rewards_N: jax.Array, model_mask_NxT: jax.Array) -> jax.Arr
 ADVANTAGES: dict[str, Callable[..., jax.Array]] = {
     "leave_one_out": leave_one_out,
     "group_mean": group_mean,
-    "group_norm": lambda rewards, groups, valid=None: normalize_by_group_std(
-        group_mean(rewards, groups, valid), rewards, groups, valid),
-    "leave_one_out_norm": lambda rewards, groups, valid=None: normalize_by_group_std(
-        leave_one_out(rewards, groups, valid), rewards, groups, valid),
+    "group_norm": grpo_advantages,
+    "leave_one_out_norm": leave_one_out_normalized,
     "reward": lambda rewards, groups, valid=None: jnp.where(_valid(rewards, valid), rewards, 0.0),  # REINFORCE
     "none": lambda rewards, groups, valid=None: jnp.zeros_like(rewards),  # imitation: kept rollouts as they are
 }

@@ -14,6 +14,8 @@ RATIO_LEVELS = ("token", "turn", "trajectory", "none")  # jaxagent.losses.RATIO_
 CLIP_MODES = ("asymmetric", "symmetric")  # jaxagent.losses.CLIP_BOUNDS
 CRITIC_SCORES = ("trajectory_mean", "turn_sum")  # jaxagent.losses.CRITIC_SCORES
 SFT_NORMALISATIONS = ("token", "trajectory")  # jaxagent.losses.sft_loss
+# What a batch's summed loss is divided by: the units it holds, or its rows (the configured minibatch size)
+DENOMINATORS = ("count", "rows")  # jaxagent.update
 FINETUNE_FILTERS = ("success", "best_of_group")  # jaxagent.advantages.keep_for_finetuning
 SCHEDULES = ("constant", "linear", "cosine")  # jaxagent.update.make_optimizer
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # attention, then MLP projections

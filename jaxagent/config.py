@@ -163,6 +163,9 @@ class LoopSection:
     value_coef_end: float = 0.001
     critic_warmup_iterations: int = 10  # ppo: iterations that train only the value head
     ei_filter: str = "best_of_group"  # ei: which rollouts to imitate (best_of_group | success)
+    # Runaway guard (LOOP's reference: 20): an iteration's updates stop at the first minibatch whose KL estimate to
+    # the policy that sampled it, -mean over rollouts of sum_t (log π_new - log π_old), exceeds this; 0 = off.
+    kl_stop: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +176,7 @@ class EvalSection:
     split: str = ""  # empty: env.eval_split
     tasks: int = 0  # 0: every task of the split
     rollouts_per_task: int = 1
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 decodes greedily (LOOP's reference evaluates so, with 2 rollouts per task)
     top_p: float = 1.0
 
 
@@ -381,14 +384,20 @@ def validate(config: TrainConfig) -> None:
     if config.model.from_scratch and config.lora.enabled:
         raise ConfigError("lora.enabled=true with a model from scratch: adapters on random weights learn nothing; "
                           "set model.path (or model.path_env) or lora.enabled=false")
+    if not config.lora.enabled and config.model.param_dtype not in ("float32", "f32", "fp32"):
+        raise ConfigError(f"model.param_dtype={config.model.param_dtype} with lora.enabled=false trains every "
+                          "parameter in that dtype, where most AdamW updates round away; set lora.enabled=true "
+                          "(adapters train in float32 over the frozen base) or model.param_dtype=float32")
     if config.model.from_scratch and config.env.name == "appworld":
         raise ConfigError("env.name=appworld needs a pretrained model: set model.path or model.path_env")
     if config.eval.every < 1 or config.checkpoint.every < 1 or config.checkpoint.keep < 1:
         raise ConfigError("eval.every, checkpoint.every and checkpoint.keep must be >= 1")
     if config.eval.rollouts_per_task < 1 or config.eval.tasks < 0:
         raise ConfigError("eval.rollouts_per_task must be >= 1 and eval.tasks >= 0")
-    if config.eval.temperature <= 0:
-        raise ConfigError(f"eval.temperature={config.eval.temperature} must be > 0")
+    if config.eval.temperature < 0:
+        raise ConfigError(f"eval.temperature={config.eval.temperature} must be >= 0 (0 decodes greedily)")
+    if config.loop.kl_stop < 0:
+        raise ConfigError(f"loop.kl_stop={config.loop.kl_stop} must be >= 0 (0 turns the guard off)")
 
 
 def model_folder(section: ModelSection) -> Path | None:

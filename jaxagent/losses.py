@@ -23,6 +23,12 @@ def _f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
 
+def _masked(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """`values` where `mask` is set, else 0, selected rather than multiplied: a masked value that is inf or NaN
+    (an environment token's log-ratio of 1,000 overflows exp) can never reach a sum or its gradient."""
+    return jnp.where(mask > 0, values, 0.0)
+
+
 # Ratio bounds [low, high] by clip mode: LOOP's code [1/(1+eps), 1+eps], or PPO's [1-eps, 1+eps].
 CLIP_BOUNDS: dict[str, Callable[[float], tuple[float, float]]] = {
     "asymmetric": lambda epsilon: (1.0 / (1.0 + epsilon), 1.0 + epsilon),
@@ -48,14 +54,14 @@ def turn_sums(values_NxT: jax.Array, model_mask_NxT: jax.Array, turn_index_NxT: 
     mask = _f32(model_mask_NxT)
     turn = jnp.clip(turn_index_NxT, 0, t - 1)
     segment = (jnp.arange(n)[:, None] * t + turn).reshape(-1)
-    sums = jax.ops.segment_sum((values_NxT * mask).reshape(-1), segment, num_segments=n * t).reshape(n, t)
+    sums = jax.ops.segment_sum(_masked(values_NxT, mask).reshape(-1), segment, num_segments=n * t).reshape(n, t)
     counts = jax.ops.segment_sum(mask.reshape(-1), segment, num_segments=n * t).reshape(n, t)
     return sums, counts
 
 
 def _token_mean(values_NxT: jax.Array, mask_NxT: jax.Array) -> jax.Array:
     """Per trajectory, the mean of `values` over its model tokens (0 for a trajectory without any)."""
-    return jnp.sum(values_NxT * mask_NxT, axis=1) / jnp.maximum(jnp.sum(mask_NxT, axis=1), 1.0)
+    return jnp.sum(_masked(values_NxT, mask_NxT), axis=1) / jnp.maximum(jnp.sum(mask_NxT, axis=1), 1.0)
 
 
 def _per_token(advantages: jax.Array, mask_NxT: jax.Array) -> jax.Array:
@@ -78,13 +84,13 @@ def _objective_without_ratio(new, old, mask, advantages, turns, low, high):
 
 def _objective_per_token(new, old, mask, advantages, turns, low, high):
     """LOOP: r_t = exp(new_t - old_t) clipped per token, mean over model tokens."""
-    per_token = clipped_objective(jnp.exp(new - old), _per_token(advantages, mask), low, high)
+    per_token = clipped_objective(jnp.exp(_masked(new - old, mask)), _per_token(advantages, mask), low, high)
     return _token_mean(per_token, mask)
 
 
 def _objective_per_trajectory(new, old, mask, advantages, turns, low, high):
     """"Bandit": one ratio for the whole trajectory, the product of its tokens' ratios."""
-    ratio = jnp.exp(jnp.sum((new - old) * mask, axis=1))
+    ratio = jnp.exp(jnp.sum(_masked(new - old, mask), axis=1))
     return clipped_objective(ratio, _per_trajectory(advantages, "trajectory"), low, high)
 
 
@@ -130,9 +136,9 @@ def policy_loss(logp_new_NxT: jax.Array, logp_old_NxT: jax.Array, model_mask_NxT
     if kl_coef:
         if ref_logp_NxT is None:
             raise ValueError("kl_coef > 0 needs ref_logp_NxT")
-        log_ref_over_new = _f32(ref_logp_NxT) - new
+        log_ref_over_new = _masked(_f32(ref_logp_NxT) - new, mask)
         k3 = jnp.exp(log_ref_over_new) - log_ref_over_new - 1.0
-        loss = loss + kl_coef * jnp.sum(k3 * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+        loss = loss + kl_coef * jnp.sum(_masked(k3, mask), axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
     return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
@@ -143,7 +149,7 @@ def value_loss(values_NxT: jax.Array, returns_NxT: jax.Array, model_mask_NxT: ja
     tokens = jnp.sum(mask, axis=1)
     valid = tokens > 0 if valid_N is None else (tokens > 0) & valid_N.astype(bool)
     error = jnp.clip(_f32(values_NxT), 0.0, 1.0) - _f32(returns_NxT)
-    per_traj = jnp.sum(0.5 * error**2 * mask, axis=1) / jnp.maximum(tokens, 1.0)
+    per_traj = jnp.sum(_masked(0.5 * error**2, mask), axis=1) / jnp.maximum(tokens, 1.0)
     return jnp.sum(jnp.where(valid, per_traj, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
@@ -155,7 +161,7 @@ def sft_loss(logp_NxT: jax.Array, model_mask_NxT: jax.Array, weights_N: jax.Arra
     mask = _f32(model_mask_NxT)
     if weights_N is not None:
         mask = mask * _f32(weights_N)[:, None]
-    nll = -_f32(logp_NxT) * mask
+    nll = _masked(-_f32(logp_NxT), mask)
     if per == "token":
         return jnp.sum(nll), jnp.sum(mask)
     if per == "trajectory":
@@ -174,12 +180,12 @@ def dpo_loss(logp_chosen_PxT: jax.Array, mask_chosen_PxT: jax.Array, ref_chosen_
     agent's tokens (ETO; SWEET-RL's turn-level step with one action per side). `nll_coef` adds that multiple of the
     chosen side's mean per-token NLL (SWEET-RL: 0.01)."""
     mask_c, mask_r = _f32(mask_chosen_PxT), _f32(mask_rejected_PxT)
-    chosen = jnp.sum((_f32(logp_chosen_PxT) - _f32(ref_chosen_PxT)) * mask_c, axis=1)
-    rejected = jnp.sum((_f32(logp_rejected_PxT) - _f32(ref_rejected_PxT)) * mask_r, axis=1)
+    chosen = jnp.sum(_masked(_f32(logp_chosen_PxT) - _f32(ref_chosen_PxT), mask_c), axis=1)
+    rejected = jnp.sum(_masked(_f32(logp_rejected_PxT) - _f32(ref_rejected_PxT), mask_r), axis=1)
     loss = -jax.nn.log_sigmoid(beta * (chosen - rejected))
     if nll_coef:
         tokens = jnp.maximum(jnp.sum(mask_c, axis=1), 1.0)
-        loss = loss + nll_coef * (-jnp.sum(_f32(logp_chosen_PxT) * mask_c, axis=1) / tokens)
+        loss = loss + nll_coef * (-jnp.sum(_masked(_f32(logp_chosen_PxT), mask_c), axis=1) / tokens)
     valid = jnp.ones(loss.shape, bool) if valid_P is None else valid_P.astype(bool)
     return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
@@ -187,7 +193,7 @@ def dpo_loss(logp_chosen_PxT: jax.Array, mask_chosen_PxT: jax.Array, ref_chosen_
 def _trajectory_mean_score(log_ratio_NxT, model_mask_NxT, turn_index_NxT):
     """The public code: one mean of the log-ratio over all the trajectory's agent tokens."""
     mask = _f32(model_mask_NxT)
-    return jnp.sum(log_ratio_NxT * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    return jnp.sum(_masked(log_ratio_NxT, mask), axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
 def _turn_sum_score(log_ratio_NxT, model_mask_NxT, turn_index_NxT):

@@ -56,7 +56,7 @@ def goal_completion(trajectories: Sequence[Trajectory], scenario_of: Callable[[s
 
 
 def behaviour_stats(trajectories: Sequence[Trajectory]) -> dict:
-    """The behaviours LOOP's analysis tracks (GUIDE §3), from the agent's text, per rollout."""
+    """The behaviours the LOOP paper's analysis tracks, from the agent's text, per rollout."""
     docs, assume, placeholder, give_up, multi_cell = [], [], [], [], []
     for t in trajectories:
         agent = [m["content"] for m in t.messages if m["role"] == "assistant"]

@@ -59,6 +59,10 @@ class LossConfig:
     value_coef_steps: int = 1
     temperature: float = 1.0  # log-probs are of logits / temperature, as the sampler computed them
     logprob_chunk: int = 512
+    # "count": a batch's loss is its mean over the units it holds (trajectories, tokens, pairs). "rows": the sum
+    # over its units divided by the batch's rows, i.e. the configured minibatch size, as LOOP's reference code
+    # does, so a short last minibatch (6 kept rollouts of 32) weighs 6/32 of a full one.
+    denominator: str = "count"
 
     def __post_init__(self) -> None:
         check_choice(self.kind, choices.LOSS_KINDS, "loss.kind", UpdateConfigError)
@@ -66,6 +70,7 @@ class LossConfig:
         check_choice(self.ratio_level, choices.RATIO_LEVELS, "loss.ratio_level", UpdateConfigError)
         check_choice(self.critic_score, choices.CRITIC_SCORES, "loss.critic_score", UpdateConfigError)
         check_choice(self.sft_per, choices.SFT_NORMALISATIONS, "loss.sft_per", UpdateConfigError)
+        check_choice(self.denominator, choices.DENOMINATORS, "loss.denominator", UpdateConfigError)
         if self.temperature <= 0:
             raise UpdateConfigError(f"loss.temperature={self.temperature} must be > 0")
 

@@ -50,6 +50,10 @@ class UpdateConfig:
     optim: OptimConfig = OptimConfig()
     micro_batches: int = 1
     max_nonfinite_in_row: int = 3
+    # LOOP's runaway guard: a step whose minibatch has |KL estimate| > kl_stop to the policy that sampled it is not
+    # applied (the caller then ends the iteration's updates); 0 = off. The estimate is -mean over the kept rows of
+    # the trajectory log-ratio, sum over model tokens of (log π_new - log π_old), as apple/ml-loop computes it.
+    kl_stop: float = 0.0
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
@@ -120,7 +124,7 @@ def make_update_step(model: ModelConfig, config: UpdateConfig, lora: LoraConfig 
     PairBatch (dpo, bradley_terry). `rng` drives LoRA dropout.
     """
     gradients = _gradients_fn(make_loss_fn(model, config.loss, lora), config)
-    step_fn = _step_fn(gradients, make_optimizer(config.optim))
+    step_fn = _step_fn(gradients, make_optimizer(config.optim), config.kl_stop)
     jit_args: dict = {"donate_argnames": ("state",) if donate else ()}
     if shardings is not None:
         jit_args.update(in_shardings=(shardings.state, shardings.frozen, None, None),
@@ -147,19 +151,21 @@ def _gradients_fn(loss_fn: LossFn, config: UpdateConfig) -> Callable:
         keys = jax.random.split(rng, config.micro_batches)
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         (grads, total, count), stats = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, keys))
-        denominator = jnp.maximum(count, 1.0)
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        denominator = jnp.maximum(count, 1.0) if config.loss.denominator == "count" else float(rows)
         return total / denominator, jax.tree.map(lambda g: g / denominator, grads), count, stats
     return gradients
 
 
-def _step_fn(gradients: Callable, optimizer: optax.GradientTransformation) -> Callable:
+def _step_fn(gradients: Callable, optimizer: optax.GradientTransformation, kl_stop: float) -> Callable:
     """`step(state, frozen, batch, rng) -> (state, metrics)`: one optimizer step that a non-finite loss or
-    gradient skips (parameters and moments are never overwritten with NaNs)."""
+    gradient skips (parameters and moments are never overwritten with NaNs), as does the KL guard."""
     def step(state: TrainState, frozen: dict, batch, rng: jax.Array):
         loss, grads, count, stats = gradients(state.trainable, frozen, batch, state.step, rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        apply = finite & (count > 0)
+        high_kl = _high_kl(stats, kl_stop)
+        apply = finite & (count > 0) & ~high_kl
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         new_trainable = optax.apply_updates(state.trainable, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
@@ -167,8 +173,16 @@ def _step_fn(gradients: Callable, optimizer: optax.GradientTransformation) -> Ca
             keep(new_trainable, state.trainable), keep(new_opt_state, state.opt_state),
             state.step + apply.astype(jnp.int32),
             jnp.where(finite, 0, state.nonfinite_in_row + 1), state.nonfinite_total + (~finite).astype(jnp.int32))
-        return new_state, _finish_stats(stats, loss, grad_norm, count, finite)
+        return new_state, {**_finish_stats(stats, loss, grad_norm, count, finite), "high_kl": high_kl}
     return step
+
+
+def _high_kl(stats: dict, kl_stop: float) -> jax.Array:
+    """Whether the minibatch's trajectory-level KL estimate is past the guard (never, with kl_stop 0)."""
+    if not kl_stop or "log_ratio_sum" not in stats:
+        return jnp.asarray(False)
+    kl = -jnp.sum(stats["log_ratio_sum"]) / jnp.maximum(jnp.sum(stats["trajectories"]), 1)
+    return jnp.abs(kl) > kl_stop
 
 
 def check_nonfinite(state: TrainState, metrics: dict, limit: int) -> None:
@@ -197,13 +211,14 @@ def _token_stats(batch, logp: jax.Array, bounds: tuple[float, float]) -> dict:
         mask = batch.model_mask_Px2xT.reshape(logp.shape).astype(bool)
         return {"model_tokens": jnp.sum(mask), "tokens": jnp.sum(batch.segment_ids_Px2xT != 0)}
     mask = batch.model_mask_NxT.astype(bool) & (batch.weights_N[:, None] > 0)
-    log_ratio = logp - batch.old_logprobs_NxT
+    log_ratio = jnp.where(mask, logp - batch.old_logprobs_NxT, 0.0)  # never exp() an environment token's ratio
     ratio = jnp.exp(log_ratio)
     mismatch = jnp.abs(batch.sample_logprobs_NxT - batch.old_logprobs_NxT)
     return {
         "model_tokens": jnp.sum(mask),
         "tokens": jnp.sum(batch.segment_ids_NxT != 0),
         "trajectories": jnp.sum(batch.weights_N > 0),
+        "log_ratio_sum": jnp.sum(log_ratio),  # the kept rows' trajectory log-ratios, summed
         "ratio_sum": jnp.sum(jnp.where(mask, ratio, 0.0)),
         "ratio_min": jnp.min(jnp.where(mask, ratio, jnp.inf)),
         "ratio_max": jnp.max(jnp.where(mask, ratio, -jnp.inf)),
@@ -237,6 +252,7 @@ def _finish_stats(stats: dict, loss, grad_norm, count, finite) -> dict:
             ratio_min=jnp.min(stats["ratio_min"]),
             ratio_max=jnp.max(stats["ratio_max"]),
             approx_kl=jnp.sum(stats["kl_sum"]) / denom,
+            trajectory_kl=-jnp.sum(stats["log_ratio_sum"]) / jnp.maximum(jnp.sum(stats["trajectories"]), 1),
             logprob_mismatch_mean=jnp.sum(stats["mismatch_sum"]) / denom,
             logprob_mismatch_max=jnp.max(stats["mismatch_max"]),
             clipped_fraction=jnp.sum(stats["clipped"]) / denom,

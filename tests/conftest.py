@@ -64,3 +64,42 @@ def hf_logits(folder: Path, ids: np.ndarray, mask: np.ndarray | None = None) -> 
         out = model(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(
             mask.astype(np.int64)), position_ids=torch.from_numpy(positions.astype(np.int64)))
     return out.logits.numpy()
+
+
+# Minimal sizes: a one-layer decoder, a handful of demonstrations, two iterations of two tasks x two rollouts.
+MICRO = [
+    "progress=false", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
+    "model.num_kv_heads=1", "model.head_dim=16", "model.vocab_size=512", "model.tokenizer_demos=10", "sft.demos=8",
+    "sft.epochs=2", "sft.batch_size=4", "sft.log_every=1", "sft.checkpoint_every=1", "sft.optim.total_steps=4",
+    "sft.optim.warmup_steps=0", "loop.iterations=2", "loop.tasks_per_iteration=2", "loop.rollouts_per_task=2",
+    "loop.minibatch_size=4", "loop.critic_warmup_iterations=1", "eval.tasks=3", "eval.every=1",
+    "rollout.max_turns=2", "rollout.max_tokens_per_turn=16", "rollout.max_context=768", "rollout.decode_chunk=8",
+    "rollout.max_concurrent=8", "checkpoint.every=1",
+]
+
+
+@pytest.fixture(scope="session")
+def rollouts(tmp_path_factory):
+    """Real AppTown rollouts of a micro policy, with rewards set so every algorithm has something to learn:
+    (setup, policy, config, trajectories), two tasks x three rollouts with rewards [1, 0, 0.5] and [0.25, 1, 0]."""
+    import dataclasses
+
+    import jax
+
+    from jaxagent.config import load_config
+    from jaxagent.envs.registry import list_tasks
+    from jaxagent.rollout import collect
+    from jaxagent.train import build_setup
+
+    run_dir = tmp_path_factory.mktemp("learn")
+    config = load_config("tiny", MICRO + [f"run_dir={run_dir}"])
+    setup, policy = build_setup(config)
+    tasks = list_tasks("apptown", "train")[:2]
+    trajectories = collect(setup.sampler, policy.params, setup.renderer, setup.make_env, tasks, 3, config.rollout,
+                           jax.random.key(0))
+    rewards = [1.0, 0.0, 0.5, 0.25, 1.0, 0.0]
+    by_slot = {(t.group_id, t.rollout_index): t for t in trajectories}
+    trajectories = [dataclasses.replace(by_slot[g, k], reward=rewards[3 * g + k],
+                                        info={**by_slot[g, k].info, "success": rewards[3 * g + k] == 1.0})
+                    for g in range(2) for k in range(3)]
+    return setup, policy, config, trajectories

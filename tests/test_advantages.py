@@ -60,11 +60,27 @@ class AdvantagesTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_group_std_normalisation(self):
+        """GRPO: (R - mean) / (sample std + 1e-4), as its common reference implementation (TRL) computes it."""
         rewards = _rewards(2)
         got = self.variant(adv.get_advantage("group_norm"))(jnp.asarray(rewards), jnp.asarray(GROUPS),
                                                             jnp.asarray(VALID))
         expected = np_group_mean(rewards, GROUPS, VALID) / (np_group_std(rewards, GROUPS, VALID) + 1e-4)
         chex.assert_trees_all_close(got, expected, atol=1e-4, rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rwnorm_is_the_loop_references_population_std(self):
+        """LOOP's "RwNorm" ablation as apple/ml-loop computes it, per task: adv / max(np.std(rets), 1e-7)."""
+        rewards = _rewards(4)
+        rewards[3:5] = 0.5  # a group whose rewards tie: std 0, advantages 0
+        got = self.variant(adv.get_advantage("leave_one_out_norm"))(jnp.asarray(rewards), jnp.asarray(GROUPS),
+                                                                    jnp.asarray(VALID))
+        expected = np.zeros(len(rewards))
+        for i in np.flatnonzero(VALID):
+            rets = np.array([rewards[j] for j in np.flatnonzero(VALID) if GROUPS[j] == GROUPS[i]])
+            if len(rets) > 1:
+                others = (rets.sum() - rewards[i]) / (len(rets) - 1)
+                expected[i] = (rewards[i] - others) / np.clip(np.std(rets), 1e-7, None)
+        chex.assert_trees_all_close(got, expected, atol=1e-5, rtol=1e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_keep_informative(self):

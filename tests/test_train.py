@@ -15,24 +15,14 @@ import pytest
 
 from jaxagent.algorithms import loop as loop_algorithms
 from jaxagent.algorithms.batching import LogprobComputer
+from jaxagent.algorithms.common import evaluate
 from jaxagent.checkpoint import load_policy
 from jaxagent.config import load_config
-from jaxagent.envs.registry import list_tasks
 from jaxagent.evaluate import evaluate_run
-from jaxagent.rollout import collect
-from jaxagent.train import build_setup, train
+from jaxagent.train import train
 from jaxagent.update import UpdateConfig, init_train_state, make_update_step
 
-# Minimal sizes: a one-layer decoder, a handful of demonstrations, two iterations of two tasks x two rollouts.
-MICRO = [
-    "progress=false", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
-    "model.num_kv_heads=1", "model.head_dim=16", "model.vocab_size=512", "model.tokenizer_demos=10", "sft.demos=8",
-    "sft.epochs=2", "sft.batch_size=4", "sft.log_every=1", "sft.checkpoint_every=1", "sft.optim.total_steps=4",
-    "sft.optim.warmup_steps=0", "loop.iterations=2", "loop.tasks_per_iteration=2", "loop.rollouts_per_task=2",
-    "loop.minibatch_size=4", "loop.critic_warmup_iterations=1", "eval.tasks=3", "eval.every=1",
-    "rollout.max_turns=2", "rollout.max_tokens_per_turn=16", "rollout.max_context=768", "rollout.decode_chunk=8",
-    "rollout.max_concurrent=8", "checkpoint.every=1",
-]
+from conftest import MICRO
 
 
 def leaves(folder):
@@ -66,23 +56,6 @@ def test_ablation_configs_run_end_to_end(name, tmp_path):
     assert list(summary["stages"]) == list(load_config(name).stages)
 
 
-@pytest.fixture(scope="module")
-def rollouts(tmp_path_factory):
-    """Real AppTown rollouts of a micro policy, with rewards set so every algorithm has something to learn."""
-    run_dir = tmp_path_factory.mktemp("learn")
-    config = load_config("tiny", MICRO + [f"run_dir={run_dir}"])
-    setup, policy = build_setup(config)
-    tasks = list_tasks("apptown", "train")[:2]
-    trajectories = collect(setup.sampler, policy.params, setup.renderer, setup.make_env, tasks, 3, config.rollout,
-                           jax.random.key(0))
-    rewards = [1.0, 0.0, 0.5, 0.25, 1.0, 0.0]
-    by_slot = {(t.group_id, t.rollout_index): t for t in trajectories}
-    trajectories = [dataclasses.replace(by_slot[g, k], reward=rewards[3 * g + k],
-                                        info={**by_slot[g, k].info, "success": rewards[3 * g + k] == 1.0})
-                    for g in range(2) for k in range(3)]
-    return setup, policy, config, trajectories
-
-
 @pytest.mark.parametrize("name", list(loop_algorithms.ALGORITHMS))
 def test_each_algorithm_updates_the_policy(name, rollouts):
     setup, policy, config, trajectories = rollouts
@@ -103,6 +76,56 @@ def test_each_algorithm_updates_the_policy(name, rollouts):
     assert stats["sampler_learner_logprob_mismatch_max"] < 1e-4  # the learner recomputes what the sampler saw
     after = [np.asarray(x) for x in jax.tree.leaves(state.trainable)]
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def _stage(name, setup, config, **loop_changes):
+    loop_cfg = dataclasses.replace(config.loop, minibatch_size=4, critic_warmup_iterations=0, **loop_changes)
+    update_config = UpdateConfig(loop_algorithms.loss_config(name, loop_cfg, 4, 1.0), config.optim,
+                                 kl_stop=loop_cfg.kl_stop)
+    return loop_algorithms.RLStage(name, loop_algorithms.get_algorithm(name), loop_cfg, update_config,
+                                   make_update_step(setup.model, update_config, None),
+                                   LogprobComputer(setup.model, None, 1.0), frozen={})
+
+
+class ShiftedLogprobs:
+    """The learner's old log-probs as if another policy had sampled the rollouts: 25 nats lower per model token."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, params, lora_params, value_head, trajectories, rows_per_call):
+        logps, values = self.inner(params, lora_params, value_head, trajectories, rows_per_call)
+        return [lp - 25.0 * t.model_mask for lp, t in zip(logps, trajectories)], values
+
+
+def test_the_kl_guard_ends_an_iteration_and_the_next_one_trains(rollouts):
+    setup, policy, config, trajectories = rollouts
+    stage = _stage("loop", setup, config, kl_stop=20.0)
+    shifted = dataclasses.replace(stage, logprobs=ShiftedLogprobs(stage.logprobs))
+    before = [np.asarray(x) for x in jax.tree.leaves(policy.trainable())]
+    state = init_train_state(jax.tree.map(lambda x: x.copy(), policy.trainable()), stage.update_config)
+    state, stats = loop_algorithms._learn(shifted, state, trajectories, 1, np.random.default_rng(0),
+                                          jax.random.key(1))
+    # Every trajectory has a model token, so the first minibatch's KL estimate is below -20.
+    assert stats["high_kl_stops"] == 1 and stats["updates"] == 0 and stats["trajectory_kl"] < -20.0
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(state.trainable)))
+    state, stats = loop_algorithms._learn(stage, state, trajectories, 2, np.random.default_rng(1),
+                                          jax.random.key(2))
+    assert stats["high_kl_stops"] == 0 and stats["updates"] == config.loop.epochs * 2
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(state.trainable)))
+
+
+def test_evaluation_can_decode_greedily(rollouts):
+    """eval.temperature 0 (LOOP's reference evaluation): greedy decoding, so two rollouts of a task are identical."""
+    setup, policy, config, _ = rollouts
+    greedy = dataclasses.replace(config, eval=dataclasses.replace(config.eval, temperature=0.0, rollouts_per_task=2,
+                                                                  tasks=2))
+    stats, trajectories = evaluate(dataclasses.replace(setup, config=greedy), policy, seed=3)
+    assert stats["episodes"] == 4
+    by_task = {}
+    for t in trajectories:
+        by_task.setdefault(t.task_id, []).append(t.token_ids)
+    assert all(len(ids) == 2 and np.array_equal(*ids) for ids in by_task.values())
 
 
 def test_leave_one_out_filter_drops_groups_without_signal(rollouts):
@@ -140,7 +163,7 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(kill_when, tmp_path):
         time.sleep(0.05)
     assert victim.poll() is None, "the run ended before it could be killed"
     os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    victim.wait(timeout=30)
     assert not (killed / "summary.json").exists()
     restarted = _train_cli(killed)
     out, err = restarted.communicate(timeout=600)

@@ -41,6 +41,12 @@ def test_paper_settings_of_loop_qwen32b():
     assert (c.optim.lr, c.optim.schedule, c.optim.weight_decay) == (5e-5, "constant", 0.01)
     assert (c.rollout.max_turns, c.rollout.max_tokens_per_turn, c.rollout.max_context) == (40, 1500, 32768)
     assert c.rollout.temperature == 1.0 and c.env.name == "appworld"
+    # As apple/ml-loop evaluates and guards: greedy, 2 rollouts per task, every 5 iterations; KL stop at 20.
+    assert (c.eval.temperature, c.eval.rollouts_per_task, c.eval.every, c.loop.kl_stop) == (0.0, 2, 5, 20.0)
+    assert c.optim.max_grad_norm == 1.0  # the paper's value (the reference code's default is 0.1)
+    small = load_config("loop_qwen7b")
+    assert (small.lora.rank, small.lora.alpha) == (8, 16.0)  # the reference's 7B LoRA
+    assert (small.eval.temperature, small.eval.rollouts_per_task, small.loop.kl_stop) == (0.0, 2, 20.0)
 
 
 def test_overrides_are_typed_and_nested():
@@ -66,6 +72,9 @@ def test_overrides_are_typed_and_nested():
     (["rollout.max_turns=0"], ["rollout.max_turns=0"]),
     (["sft.mistake_rate=2"], ["sft.mistake_rate=2.0", "[0, 1]"]),
     (["optim"], ["not key=value"]),
+    (["model.param_dtype=bfloat16"], ["model.param_dtype=bfloat16", "lora.enabled=true", "float32"]),
+    (["eval.temperature=-0.5"], ["eval.temperature=-0.5", ">= 0"]),
+    (["loop.kl_stop=-1"], ["loop.kl_stop=-1.0", ">= 0"]),
 ])
 def test_bad_configuration_names_the_key(overrides, words):
     with pytest.raises(ConfigError) as err:

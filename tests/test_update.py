@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,8 @@ N, T = 8, 20
 def _randomize(tree, seed, scale=0.05):
     leaves, structure = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(structure, [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return jax.tree.unflatten(structure, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                          for k, x in zip(keys, leaves)])
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +215,111 @@ def test_batch_that_does_not_split_is_refused(weights):
     step = make_update_step(MODEL, UpdateConfig(micro_batches=3), LORA)
     with pytest.raises(UpdateConfigError, match="batch of 8 rows does not split into micro_batches=3"):
         step.gradients({"lora": lora_params}, {"params": params}, _batch(params, lora_params), 0, jax.random.key(0))
+
+
+def test_a_short_last_minibatch_weighs_by_the_configured_minibatch_size(weights):
+    """LOOP's reference divides a minibatch's summed rollout losses by the configured minibatch size (8 here), so a
+    minibatch holding 5 kept rollouts weighs 5/8: checked against NumPy for the loss and, through the model's
+    vector-Jacobian product, for the gradient; micro-batching gives the same."""
+    params, lora_params = weights
+    batch = _batch(params, lora_params, seed=4)
+    old = np.asarray(batch.old_logprobs_NxT) + np.random.default_rng(1).normal(0, 0.05, (N, T))
+    weights_N = np.array([1, 1, 0, 1, 1, 0, 1, 0], np.float32)  # 5 kept rows of 8
+    batch = batch._replace(old_logprobs_NxT=jnp.asarray(old, jnp.float32), weights_N=jnp.asarray(weights_N))
+    new = np.asarray(batch.sample_logprobs_NxT, np.float64)
+    mask, adv = np.asarray(batch.model_mask_NxT), np.asarray(batch.advantages, np.float64)
+    low, high = 1 / 1.1, 1.1
+    loss, grad_logp = 0.0, np.zeros((N, T))
+    for i in np.flatnonzero(weights_N):
+        tokens = np.flatnonzero(mask[i])
+        for t in tokens:
+            ratio = math.exp(new[i, t] - old[i, t])
+            unclipped, clipped = ratio * adv[i], min(max(ratio, low), high) * adv[i]
+            loss -= min(unclipped, clipped) / len(tokens) / N
+            if unclipped <= clipped:  # the gradient flows through the unclipped side
+                grad_logp[i, t] = -ratio * adv[i] / len(tokens) / N
+
+    def logprobs(lp):
+        return sequence_logprobs(params, MODEL, batch.tokens_NxT, batch.segment_ids_NxT, lp, LORA, 1.0, 8)[0]
+
+    _, vjp = jax.vjp(logprobs, lora_params)
+    expected_grad = vjp(jnp.asarray(grad_logp, jnp.float32))[0]
+    for micro in (1, 2, 4):
+        config = UpdateConfig(LossConfig(denominator="rows"), micro_batches=micro)
+        got_loss, grads, count, _ = make_update_step(MODEL, config, LORA).gradients(
+            {"lora": lora_params}, {"params": params}, batch, 0, jax.random.key(0))
+        assert float(count) == 5.0
+        np.testing.assert_allclose(float(got_loss), loss, rtol=1e-5)
+        chex.assert_trees_all_close(grads["lora"], expected_grad, atol=1e-7, rtol=1e-4)
+    # Dividing by the kept rows instead (the "count" denominator) weighs the same minibatch 8/5 as much.
+    config = UpdateConfig(LossConfig(denominator="count"))
+    count_loss, *_ = make_update_step(MODEL, config, LORA).gradients({"lora": lora_params}, {"params": params},
+                                                                     batch, 0, jax.random.key(0))
+    np.testing.assert_allclose(float(count_loss), loss * N / 5, rtol=1e-5)
+
+
+def test_an_environment_token_with_a_huge_log_ratio_changes_nothing(weights):
+    """Masked tokens are selected away before any exp: a log-ratio of 1,000 on an observation token leaves the loss
+    and its gradient finite and equal to the unperturbed batch's, for every ratio level and with a KL term."""
+    params, lora_params = weights
+    batch = _batch(params, lora_params, seed=5)
+    old = np.asarray(batch.old_logprobs_NxT).copy()
+    env_token = (2, 10)  # between the two agent turns
+    assert np.asarray(batch.model_mask_NxT)[env_token] == 0 and np.asarray(batch.segment_ids_NxT)[env_token] == 1
+    old[env_token] -= 1000.0
+    ref = np.asarray(batch.sample_logprobs_NxT).copy()
+    ref[env_token] += 1000.0
+    shifted = batch._replace(old_logprobs_NxT=jnp.asarray(old), ref_logprobs_NxT=jnp.asarray(ref))
+    plain = batch._replace(ref_logprobs_NxT=batch.sample_logprobs_NxT)
+    for level in ("token", "turn", "trajectory", "none"):
+        config = UpdateConfig(LossConfig(ratio_level=level, kl_coef=0.1))
+        gradients = make_update_step(MODEL, config, LORA).gradients
+        loss, grads, _, _ = gradients({"lora": lora_params}, {"params": params}, shifted, 0, jax.random.key(0))
+        base_loss, base_grads, _, _ = gradients({"lora": lora_params}, {"params": params}, plain, 0,
+                                                jax.random.key(0))
+        assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+        assert float(loss) == float(base_loss), level
+        chex.assert_trees_all_equal(grads, base_grads)
+
+
+def test_a_policy_too_far_from_the_rollouts_stops_the_step(weights):
+    """The KL guard: when -mean(trajectory log-ratio) of a minibatch exceeds kl_stop, the step is not applied and
+    `high_kl` says so; below the threshold the same step applies."""
+    params, lora_params = weights
+    batch = _batch(params, lora_params, seed=6)
+    far = batch._replace(old_logprobs_NxT=batch.old_logprobs_NxT - 5.0 * batch.model_mask_NxT)
+    config = UpdateConfig(LossConfig(), OptimConfig(lr=1e-2), kl_stop=20.0)
+    step = make_update_step(MODEL, config, LORA)
+    state = _fresh_state({"lora": lora_params}, config)
+    state, metrics = step(state, {"params": params}, far, jax.random.key(0))
+    assert bool(metrics["high_kl"]) and float(metrics["trajectory_kl"]) < -20.0 and int(state.step) == 0
+    chex.assert_trees_all_equal(state.trainable["lora"], lora_params)
+    state, metrics = step(state, {"params": params}, batch, jax.random.key(0))
+    assert not bool(metrics["high_kl"]) and abs(float(metrics["trajectory_kl"])) < 1e-4 and int(state.step) == 1
+
+
+def test_adapters_and_their_optimizer_state_stay_float32_under_a_bfloat16_base():
+    """Eight AdamW steps at LOOP's lr over a bfloat16 base equal the same steps over that base cast to float32:
+    the adapters (and moments) are float32 either way, so no update rounds away."""
+    model16 = MODEL.replace(param_dtype="bf16")  # compute stays float32
+    params16, lora16 = init_params(model16, jax.random.key(0), LORA)
+    lora16 = _randomize(lora16, 1)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params16))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(lora16))
+    params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params16)
+    lora_params = jax.tree.map(lambda x: x.astype(jnp.float32), lora16)
+    config = UpdateConfig(optim=OptimConfig(lr=5e-5))
+    results = []
+    for model, params, adapters in ((model16, params16, lora16), (MODEL, params32, lora_params)):
+        step = make_update_step(model, config, LORA)
+        state = _fresh_state({"lora": adapters}, config)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+        for i in range(8):
+            state, metrics = step(state, {"params": params}, _batch(params32, lora_params, seed=10 + i),
+                                  jax.random.key(i))
+        assert int(state.step) == 8
+        results.append(state.trainable["lora"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(results[0]))
+    chex.assert_trees_all_close(results[0], results[1], atol=1e-7, rtol=1e-6)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(lora_params)))
+    assert moved > 1e-5  # the steps did update the adapters

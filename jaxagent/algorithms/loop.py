@@ -18,6 +18,7 @@ Old log-probs are recomputed by the learner before the first epoch; their mismat
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Callable, NamedTuple
 
@@ -53,6 +54,8 @@ from jaxagent.update import (
     init_train_state,
     make_update_step,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +123,9 @@ def loss_config(name: str, loop: LoopSection, updates_per_iteration: int, temper
         settings["ratio_level"] = algorithm.ratio_level
     if "value" not in algorithm.heads:
         settings.update(value_coef=0.0, value_coef_end=0.0)
+    # A minibatch's summed rollout losses are divided by the configured minibatch size, as LOOP's reference does.
     return LossConfig(**settings, kind=algorithm.loss, sft_per="trajectory", temperature=temperature,
-                      value_coef_steps=max(loop.iterations * updates_per_iteration, 1))
+                      value_coef_steps=max(loop.iterations * updates_per_iteration, 1), denominator="rows")
 
 
 def make_stage(setup: Setup, name: str, frozen: dict) -> RLStage:
@@ -130,7 +134,7 @@ def make_stage(setup: Setup, name: str, frozen: dict) -> RLStage:
     rollouts = loop_cfg.tasks_per_iteration * loop_cfg.rollouts_per_task
     updates = loop_cfg.epochs * math.ceil(rollouts / loop_cfg.minibatch_size)
     update_config = UpdateConfig(loss_config(name, loop_cfg, updates, temperature), setup.config.optim,
-                                 micro_batches=loop_cfg.micro_batches)
+                                 micro_batches=loop_cfg.micro_batches, kl_stop=loop_cfg.kl_stop)
     return RLStage(name, get_algorithm(name), loop_cfg, update_config,
                    make_update_step(setup.model, update_config, setup.lora),
                    LogprobComputer(setup.model, setup.lora, temperature), frozen)
@@ -210,7 +214,22 @@ def _learn(stage: RLStage, state: TrainState, trajectories: list[Trajectory], it
     old, _ = stage.logprobs(current.params, current.lora_params, None, chosen, stage.loop.minibatch_size)
     mismatch = [np.abs(o - t.sample_logprobs)[t.model_mask.astype(bool)] for o, t in zip(old, chosen)]
     stats["sampler_learner_logprob_mismatch_max"] = float(max((m.max() for m in mismatch if m.size), default=0.0))
-    step_metrics = []
+    state, step_metrics = _epochs(stage, state, chosen, kept, target, old, shuffle_rng, key)
+    for key_name in ("loss", "grad_norm", "ratio_mean", "approx_kl", "trajectory_kl", "clipped_fraction"):
+        values_seen = [m[key_name] for m in step_metrics if key_name in m]
+        if values_seen:
+            stats[key_name] = float(np.mean(values_seen))
+    stats["high_kl_stops"] = sum(m["high_kl"] for m in step_metrics)
+    stats["updates"] = len(step_metrics) - stats["high_kl_stops"]
+    return state, stats
+
+
+def _epochs(stage: RLStage, state: TrainState, chosen: list[Trajectory], kept: list[int], target: Targets,
+            old: list[np.ndarray], shuffle_rng: np.random.Generator, key: jax.Array
+            ) -> tuple[TrainState, list[dict]]:
+    """The epochs of shuffled minibatch steps over the kept rollouts, ending early when the KL guard fires;
+    returns the state and each step's metrics."""
+    step_metrics: list = []
     for epoch in range(stage.loop.epochs):
         for part in minibatches(len(chosen), stage.loop.minibatch_size, shuffle_rng):
             batch = _minibatch(stage, chosen, [kept[i] for i in part], part, target, old)
@@ -218,12 +237,12 @@ def _learn(stage: RLStage, state: TrainState, trajectories: list[Trajectory], it
             state, metrics = stage.update(state, stage.frozen, batch, step_key)
             check_nonfinite(state, metrics, stage.update_config.max_nonfinite_in_row)
             step_metrics.append({k: float(v) for k, v in metrics.items()})
-    for key_name in ("loss", "grad_norm", "ratio_mean", "approx_kl", "clipped_fraction"):
-        values_seen = [m[key_name] for m in step_metrics if key_name in m]
-        if values_seen:
-            stats[key_name] = float(np.mean(values_seen))
-    stats["updates"] = len(step_metrics)
-    return state, stats
+            if metrics["high_kl"]:
+                log.warning("%s: KL estimate %.3g to the sampling policy is past loop.kl_stop=%g; this "
+                            "iteration's remaining updates are skipped", stage.name,
+                            step_metrics[-1]["trajectory_kl"], stage.update_config.kl_stop)
+                return state, step_metrics
+    return state, step_metrics
 
 
 def _minibatch(stage: RLStage, chosen: list[Trajectory], rows: list[int], part: np.ndarray, target: Targets,

@@ -25,6 +25,9 @@ from jaxagent.models.lora import LoraConfig
 
 _MASKED = -1e30  # added to masked attention logits (f32); fully masked rows become uniform, never NaN
 _INIT_STD = 0.02  # HF's initializer_range for these families
+# LoRA adapters are trained, so they stay float32 whatever the base's dtype: at LOOP's lr 5e-5 most AdamW updates
+# of a bfloat16 weight would round away. The adapter's matmuls run in the compute dtype.
+ADAPTER_DTYPE = jnp.float32
 
 
 class KVCache(NamedTuple):
@@ -106,8 +109,8 @@ class Projection(nn.Module):
         a_init = nn.with_logical_partitioning(_kaiming_uniform, (*self.in_axes, "lora_rank"))
         b_init = nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", *self.out_axes))
         # Lambdas: the rng is drawn only when the variable is created (init), never at apply time.
-        a = self.variable("lora", "a", lambda: a_init(self.make_rng("lora"), (*in_shape, rank), self.param_dtype))
-        b = self.variable("lora", "b", lambda: b_init(None, (rank, *self.out_shape), self.param_dtype))
+        a = self.variable("lora", "a", lambda: a_init(self.make_rng("lora"), (*in_shape, rank), ADAPTER_DTYPE))
+        b = self.variable("lora", "b", lambda: b_init(None, (rank, *self.out_shape), ADAPTER_DTYPE))
         if not self.use_lora:
             return jnp.zeros((), self.dtype)
         x_in = nn.Dropout(self.lora.dropout, deterministic=self.deterministic)(x).astype(self.dtype)
