@@ -5,19 +5,21 @@ PY := $(VENV)/bin/python
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test test-fast appworld clean
+.PHONY: run test test-fast appworld constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Reinstall when pyproject.toml changes; the stamp records the last install.
-$(STAMP_RUN): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+# Exact versions from the constraints file; reinstall when it or pyproject.toml changes (the stamp is the last install).
+CONSTRAINTS := third_party/constraints.txt
+
+$(STAMP_RUN): pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(STAMP_TEST): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[test]"
+$(STAMP_TEST): pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	touch $@ $(STAMP_RUN)
 
 # The default job: `python -m jaxagent.train --config tiny` (SFT then LOOP on AppTown, from scratch, on a CPU).
@@ -36,6 +38,13 @@ test-fast: $(STAMP_TEST)
 # `env.name=appworld` runs create it on first use, this target does it up front (about a minute).
 appworld: $(STAMP_RUN)
 	$(PY) -m jaxagent.envs.appworld setup
+
+# After changing a dependency: re-pin both constraint files from the current environments (run `make test` first).
+constraints: $(STAMP_TEST)
+	{ sed -n '1,2p' $(CONSTRAINTS); $(PY) -m pip freeze --exclude-editable | grep -v '^ruff==' \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	{ sed -n '1,2p' jaxagent/envs/appworld/constraints.txt; .appworld/venv/bin/pip freeze --exclude-editable; } \
+	  > appworld-constraints.new && mv appworld-constraints.new jaxagent/envs/appworld/constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -78,7 +78,8 @@ def main(folder: str) -> None:
 
 
 def update_under_meshes(config, params) -> dict:
-    """One LOOP step with LoRA: sharded over each mesh vs one device; parameters and their placement."""
+    """LoRA LOOP loss and gradient, then two steps: sharded over each mesh vs one device; parameters and their
+    placement."""
     from jaxagent.models import LoraConfig, init_params
     from jaxagent.update import (  # noqa: I001
         SequenceBatch,
@@ -112,17 +113,24 @@ def update_under_meshes(config, params) -> dict:
             state, frozen = jax.device_put(state, shardings.state), jax.device_put(frozen, shardings.frozen)
             data = jax.device_put(batch, batch_shardings(batch, mesh))
             step = make_update_step(config, update_config, lora, shardings=shardings)
+        # The loss and gradient themselves (Adam would normalise a uniform gradient-scale error away).
+        loss, grads, _, _ = step.gradients(state.trainable, frozen, data, state.step, jax.random.key(9))
         for i in range(2):
             state, metrics = step(state, frozen, data, jax.random.key(i))
-        return state, metrics
+        return state, metrics, float(loss), grads
 
-    reference, ref_metrics = run()
+    reference, ref_metrics, ref_loss, ref_grads = run()
+    grad_scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(ref_grads))
     out = {}
     for name, shape in {"data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
                         "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}}.items():
-        state, metrics = run(make_mesh(shape))
+        state, metrics, loss, grads = run(make_mesh(shape))
         a = state.trainable["lora"]["layers"]["mlp"]["up"]["a"]
         out[name] = {
+            "gradient_loss_diff": abs(loss - ref_loss),
+            "gradient_max_rel_diff": float(max(np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in zip(
+                jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))) / grad_scale,
+            "gradient_scale": grad_scale,
             "lora_max_diff": float(max(np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in zip(
                 jax.tree.leaves(state.trainable), jax.tree.leaves(reference.trainable)))),
             "loss_diff": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),

@@ -43,6 +43,6 @@ def test_check_logits_fails_on_a_wrong_conversion(hf_models, tmp_path, monkeypat
 
 def test_check_logits_command_line(hf_models):
     proc = subprocess.run([sys.executable, "-m", "jaxagent.check_logits", "--hf", str(hf_models["qwen3"])],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("OK: max |Δlogit| = ")

@@ -47,7 +47,7 @@ def test_export_of_a_lora_policy_loads_in_transformers_with_equal_logits(policy,
     folder = save_policy(tmp_path / "ckpt", policy)
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "jaxagent.export", "--checkpoint", str(folder), "--out", str(out)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     ids = np.random.default_rng(0).integers(0, policy.config.vocab_size, (2, 16))
     ours = forward(policy.params, policy.config, jnp.asarray(ids), lora_params=policy.lora_params,

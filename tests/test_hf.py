@@ -152,7 +152,8 @@ def test_unknown_dtype_lists_valid_ones(hf_models):
 ])
 def test_cli_bad_input_exits_with_one_line(hf_models, args, expected):
     argv = ["--hf", str(hf_models["qwen2_tied"])] + args
-    proc = subprocess.run([sys.executable, "-m", "jaxagent.check_logits", *argv], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "jaxagent.check_logits", *argv], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
@@ -163,7 +164,7 @@ def test_export_cli_on_truncated_checkpoint_exits_with_one_line(sharded, tmp_pat
     shard = sharded / "model-00001-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])
     proc = subprocess.run([sys.executable, "-m", "jaxagent.export", "--checkpoint", str(sharded), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True)
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model-00001-of-00003.safetensors: truncated" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -62,7 +62,9 @@ def test_sharded_forward_and_sampling_equal_one_device(hf_models):
     assert results["data2_fsdp2_tensor2"]["q_kernel_spec"] == "P(None, 'fsdp', 'tensor', None)"
     assert results["fsdp8"]["q_kernel_spec"] == "P(None, 'fsdp', None, None)"
     update = results.pop("update")
-    for name, result in update.items():  # two LoRA LOOP steps, micro-batched, sharded vs one device
+    for name, result in update.items():  # the LoRA LOOP gradient, then two micro-batched steps, sharded vs one device
+        assert result["gradient_scale"] > 1e-4 and result["gradient_max_rel_diff"] < 1e-4, (name, result)
+        assert result["gradient_loss_diff"] < 1e-6, (name, result)
         assert result["lora_max_diff"] < 1e-6 and result["loss_diff"] < 1e-6, (name, result)
         assert result["lora_a_spec"] == "P(None, 'fsdp', None)" and result["lora_a_devices"] == 8, (name, result)
     for name, result in results.items():

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 REQUIREMENTS = ("appworld==0.1.3.post1", "pydantic<2", "openapi-spec-validator", "ruff")
 HOME_ENV = "JAXAGENT_APPWORLD_HOME"
 OFFLINE_BUILDER = Path(__file__).with_name("offline_tasks.py")
+CONSTRAINTS = Path(__file__).with_name("constraints.txt")  # the exact versions the virtualenv gets
+SETUP_TIMEOUT_S = 900  # a pip install or the offline build that takes longer has hung
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +67,8 @@ class AppWorldHome:
         return env
 
     def installed(self) -> bool:
-        return (self.venv / ".jaxagent-installed").read_text().split() == list(REQUIREMENTS) \
-            if (self.venv / ".jaxagent-installed").is_file() else False
+        stamp = self.venv / ".jaxagent-installed"
+        return stamp.is_file() and stamp.read_text() == _install_stamp()
 
     def offline_built(self) -> bool:
         return (self.offline_root / ".jaxagent-built").is_file()
@@ -90,11 +92,16 @@ def _install(home: AppWorldHome) -> None:
     log.info("creating AppWorld's virtualenv in %s (about a minute)", home.venv)
     home.path.mkdir(parents=True, exist_ok=True)
     _run([sys.executable, "-m", "venv", "--clear", str(home.venv)], "create the virtualenv")
-    _run([str(home.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *REQUIREMENTS],
-         "pip install " + " ".join(REQUIREMENTS))
+    _run([str(home.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c", str(CONSTRAINTS),
+          *REQUIREMENTS], "pip install " + " ".join(REQUIREMENTS))
     # `appworld install` unpacks the apps' code from the wheel; it needs no network.
     _run([str(home.venv / "bin" / "appworld"), "install"], "appworld install", env=home.child_env(home.path))
-    (home.venv / ".jaxagent-installed").write_text("\n".join(REQUIREMENTS) + "\n")
+    (home.venv / ".jaxagent-installed").write_text(_install_stamp())
+
+
+def _install_stamp() -> str:
+    """What an up-to-date virtualenv was installed from: a change of either reinstalls it."""
+    return "\n".join(REQUIREMENTS) + "\n" + CONSTRAINTS.read_text()
 
 
 def build_offline(home: AppWorldHome) -> Path:
@@ -113,7 +120,10 @@ def build_offline(home: AppWorldHome) -> Path:
 
 
 def _run(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=SETUP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise EnvError(f"AppWorld setup failed to {what}: no result after {SETUP_TIMEOUT_S} s") from None
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
         raise EnvError(f"AppWorld setup failed to {what} (exit {result.returncode}): " + " | ".join(tail))

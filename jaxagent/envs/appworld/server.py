@@ -75,7 +75,7 @@ class Server:
         # graceful shutdown takes seconds.
         if self.alive():
             self.process.kill()
-        self.process.wait()
+        self.process.wait(timeout=30)  # SIGKILLed: it cannot take long
 
 
 class ServerPool:
