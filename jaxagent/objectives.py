@@ -110,10 +110,11 @@ def sequence_logprobs(params: dict, config: ModelConfig, tokens_NxT: jax.Array, 
 
 # ---- scorers ------------------------------------------------------------------------------------------------------
 
-def _policy_params(trainable: dict, frozen: dict) -> tuple[dict, dict | None]:
-    """(base parameters, LoRA adapters or None) of the policy being trained."""
+def _policy_inputs(trainable: dict, frozen: dict, rng: jax.Array, lora: LoraConfig | None
+                   ) -> tuple[dict, dict | None, jax.Array | None]:
+    """(base parameters, LoRA adapters or None, LoRA dropout key or None) of the policy being trained."""
     params = trainable["params"] if "params" in trainable else frozen["params"]
-    return params, trainable.get("lora")
+    return params, trainable.get("lora"), rng if lora is not None and lora.dropout > 0 else None
 
 
 def _reference_fn(model: ModelConfig, config: LossConfig, lora: LoraConfig | None) -> Callable:
@@ -135,8 +136,7 @@ def score_sequences(model: ModelConfig, config: LossConfig, lora: LoraConfig | N
     reference = _reference_fn(model, config, lora)
 
     def score(trainable: dict, frozen: dict, batch: SequenceBatch, rng: jax.Array) -> Scored:
-        params, lora_params = _policy_params(trainable, frozen)
-        dropout = rng if lora is not None and lora.dropout > 0 else None
+        params, lora_params, dropout = _policy_inputs(trainable, frozen, rng, lora)
         logp, values = sequence_logprobs(params, model, batch.tokens_NxT, batch.segment_ids_NxT, lora_params, lora,
                                          config.temperature, config.logprob_chunk, trainable.get("value_head"),
                                          dropout)
@@ -152,8 +152,7 @@ def score_pairs(model: ModelConfig, config: LossConfig, lora: LoraConfig | None)
     reference = _reference_fn(model, config, lora)
 
     def score(trainable: dict, frozen: dict, batch: PairBatch, rng: jax.Array) -> Scored:
-        params, lora_params = _policy_params(trainable, frozen)
-        dropout = rng if lora is not None and lora.dropout > 0 else None
+        params, lora_params, dropout = _policy_inputs(trainable, frozen, rng, lora)
         pairs, _, steps = batch.tokens_Px2xT.shape
         flat = lambda x: x.reshape(pairs * 2, steps)  # noqa: E731
         logp, _ = sequence_logprobs(params, model, flat(batch.tokens_Px2xT), flat(batch.segment_ids_Px2xT),

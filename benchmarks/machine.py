@@ -1,0 +1,59 @@
+"""What every benchmark reports about the machine it ran on: the CPU and both frameworks' matmul ceilings, measured
+in the same run, so figures from different machines can be read side by side."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), or what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a float32 size² matmul in XLA (jitted) and in torch, medians of interleaved repetitions."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = torch.ones(size, size)
+    t @ t
+    xla, torch_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        xla.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        t @ t
+        torch_times.append(time.perf_counter() - start)
+    flops = 2 * size**3 / 1e9
+    return {"xla": round(flops / statistics.median(xla), 1), "torch": round(flops / statistics.median(torch_times), 1)}
+
+
+def machine(with_ceilings: bool = True) -> dict:
+    """The machine fields of a benchmark's JSON line."""
+    import jax
+    import torch
+    import transformers
+
+    out = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(),
+           "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}}
+    if with_ceilings:
+        out["matmul_2048_f32_gflops"] = matmul_gflops()
+    return out

@@ -1,0 +1,144 @@
+"""Write benchmarks/RESULTS.md from the JSON lines the benchmarks printed, kept in benchmarks/results/.
+
+    python -m benchmarks.update | tee -a benchmarks/results/update.jsonl      # each benchmark appends its line
+    python -m benchmarks.report                                               # then RESULTS.md is rewritten
+
+Every figure in RESULTS.md is a field of one of those lines; each table has one row per run (machine, date), so
+figures from different machines stand side by side with the matmul ceilings measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+INTRO = """# Benchmark results
+
+Written by `python -m benchmarks.report` from the JSON lines in `benchmarks/results/`, each printed by the
+command named above its table; nothing here is typed by hand. Every benchmark measures jaxagent and its strongest
+fair reference in the same run, interleaved, and reports the spread (min / median / max over the repetitions) and
+both frameworks' float32 2048² matmul throughput measured in that run, so rows from different CPUs can be compared
+by their ratios. Compile time is reported apart. GPU figures are taken on a GPU only.
+"""
+
+
+def _spread(values: dict) -> str:
+    return f"{values['median']} ({values['min']}–{values['max']})"
+
+
+def _machine(run: dict) -> str:
+    matmul = run.get("matmul_2048_f32_gflops")
+    ceiling = f"; matmul XLA {matmul['xla']} / torch {matmul['torch']} GFLOP/s" if matmul else ""
+    return f"{run.get('date', '?')}, {run.get('cpu', '?')} × {run.get('cores', '?')}{ceiling}"
+
+
+def update_section(runs: list[dict]) -> list[str]:
+    lines = ["## LOOP update vs PyTorch (CPU)", "",
+             "`python -m benchmarks.update` — a random 55M-parameter Qwen2-architecture model, float32, one LOOP "
+             "update (forward, backward, clip 1, AdamW) on 4 × 512 tokens, every parameter trained (`full`) and the "
+             "paper's LoRA r16 over a frozen base; PyTorch runs the same loss eagerly and under `torch.compile`. "
+             "Tokens/s: median (min–max). Ratio: PyTorch step time / jaxagent's.", "",
+             "| run | setting | jaxagent tok/s | torch eager tok/s | torch.compile tok/s | ratio vs eager | "
+             "ratio vs compile | first-step loss (jaxagent / torch) | MFU vs XLA matmul | compile s (jax / "
+             "torch.compile) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
+    for run in runs:
+        for setting in [k for k in run if k == "full" or k.startswith("lora")]:
+            r = run[setting]
+            tps, ratio, loss, comp = r["tokens_per_s"], r["ratio_vs"], r["first_step_loss"], r["compile_s"]
+            lines.append(f"| {_machine(run)} | {setting} | {_spread(tps['jaxagent'])} | "
+                         f"{_spread(tps['torch_eager'])} | "
+                         f"{_spread(tps['torch_compile']) if 'torch_compile' in tps else '—'} | "
+                         f"**{ratio['torch_eager']}×** | {ratio.get('torch_compile', '—')}× | "
+                         f"{loss['jaxagent']} / {loss['torch_eager']} | {r['mfu_vs_xla_matmul']} | "
+                         f"{comp['jaxagent']} / {comp.get('torch_compile', '—')} |")
+    memory = [run["full"] for run in runs if "loop_peak_bytes" in run.get("full", {})]
+    if memory:
+        m = memory[-1]
+        lines += ["", f"XLA's planned peak memory of the full-parameter update (last run): LOOP "
+                      f"{m['loop_peak_bytes']:,} bytes, SFT on the same batch {m['sft_peak_bytes']:,} bytes "
+                      f"(ratio {m['loop_over_sft_peak_memory']})."]
+    return lines
+
+
+def sampler_section(runs: list[dict]) -> list[str]:
+    lines = ["## Sampler vs transformers `generate` (CPU)", "",
+             "`python -m benchmarks.sampler` — the same 55M-parameter model, float32, greedy, 64-token prompts, 128 "
+             "new tokens; transformers with its dynamic cache, its static cache, and the static cache with a "
+             "`torch.compile`d forward. Tokens/s: median (min–max); ratio: the baseline's time / jaxagent's.", "",
+             "| run | batch | jaxagent | HF dynamic | HF static | HF static + compile | ratio vs strongest "
+             "(which) | tokens identical |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for run in runs:
+        for r in run["results"]:
+            tps = r["tokens_per_s"]
+            cell = lambda name: _spread(tps[name]) if name in tps else r["errors"].get(name, "—")[:40]  # noqa: E731
+            lines.append(f"| {_machine(run)} | {r['batch']} | {cell('jaxagent')} | {cell('hf_dynamic')} | "
+                         f"{cell('hf_static')} | {cell('hf_static_compiled')} | **{r['ratio_vs_strongest']}×** "
+                         f"({r['strongest_baseline']}) | {'yes' if r['greedy_tokens_identical'] else 'NO'} |")
+    return lines
+
+
+def rollout_section(runs: list[dict]) -> list[str]:
+    lines = ["## Overlapped vs lock-step rollouts (CPU)", "",
+             "`python -m benchmarks.rollout` — 16 tasks × 4 rollouts, 4 turns of 48 tokens, 32 live episodes, 16 "
+             "environment threads, the same for both schedules; environments that sleep 0–0.5 s per step, and "
+             "AppTown's sandboxed episodes. Wall seconds: median (min–max); ratio: lock-step / overlapped.", "",
+             "| run | workload | overlapped s | lock-step s | ratio |", "| --- | --- | ---: | ---: | ---: |"]
+    for run in runs:
+        for workload in ("simulated_latency", "apptown"):
+            r = run[workload]
+            lines.append(f"| {_machine(run)} | {workload} | {_spread(r['overlapped_wall_s'])} | "
+                         f"{_spread(r['lock_step_wall_s'])} | **{r['ratio_lock_step_over_overlapped']}×** |")
+    return lines
+
+
+def sampler_gpu_section(runs: list[dict]) -> list[str]:
+    lines = ["## Sampler on a GPU", "", "`python -m benchmarks.sampler --gpu` — a 1.5B-parameter Qwen2-shaped model, "
+             "bf16, greedy, against the HBM roofline.", "",
+             "| run | device | batch | tokens/s | roofline tokens/s | fraction |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        for r in run["results"]:
+            lines.append(f"| {run.get('date', '?')} | {run['device']} | {r['batch']} | {r['tokens_per_s']} | "
+                         f"{r['roofline_tokens_per_s']} | {r['fraction_of_roofline']} |")
+    return lines
+
+
+SECTIONS = {"update": update_section, "sampler": sampler_section, "sampler_gpu": sampler_gpu_section,
+            "rollout": rollout_section}
+
+
+GPU_NOTE = """## GPU
+
+No GPU figures yet: no run so far had a GPU machine. `python -m benchmarks.sampler --gpu` measures a 1.5B-parameter
+Qwen2-shaped model in bf16 against the HBM roofline (bandwidth / (weight bytes + batch × context × KV bytes per
+token)) when run on one; its line goes to `results/sampler_gpu.jsonl`.
+"""
+
+
+def render(results: Path = RESULTS) -> str:
+    """RESULTS.md's text from every results/*.jsonl file."""
+    parts = [INTRO]
+    for name, section in SECTIONS.items():
+        file = results / f"{name}.jsonl"
+        if file.is_file():
+            runs = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+            parts.append("\n".join(section(runs)) + "\n")
+    if not (results / "sampler_gpu.jsonl").is_file():
+        parts.append(GPU_NOTE)
+    return "\n".join(parts)
+
+
+def main() -> None:
+    """Command-line entry point: rewrites RESULTS.md."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args()
+    Path(args.out).write_text(render())
+
+
+if __name__ == "__main__":
+    main()
