@@ -33,7 +33,8 @@ def _spread(values: dict) -> str:
 def _machine(run: dict) -> str:
     matmul = run.get("matmul_2048_f32_gflops")
     ceiling = f"; matmul XLA {matmul['xla']} / torch {matmul['torch']} GFLOP/s" if matmul else ""
-    return f"{run.get('date', '?')}, {run.get('cpu', '?')} × {run.get('cores', '?')}{ceiling}"
+    versions = ", ".join(f"{name} {version}" for name, version in run.get("versions", {}).items())
+    return f"{run.get('date', '?')}, {run.get('cpu', '?')} × {run.get('cores', '?')}{ceiling}; {versions}"
 
 
 def update_section(runs: list[dict]) -> list[str]:
