@@ -27,7 +27,7 @@ $(STAMP_TEST): pyproject.toml $(CONSTRAINTS) | $(PY)
 run: $(STAMP_RUN)
 	$(PY) -m jaxagent.train $(ARGS)
 
-# --durations: the CI log shows where the suite's time goes (it must stay well under 15 minutes on 2 cores).
+# --durations: the CI log shows where the suite's time goes (the target is 10 minutes on 2 cores after install).
 test: $(STAMP_TEST)
 	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
