@@ -19,3 +19,4 @@ DENOMINATORS = ("count", "rows")  # jaxagent.update
 FINETUNE_FILTERS = ("success", "best_of_group")  # jaxagent.advantages.keep_for_finetuning
 SCHEDULES = ("constant", "linear", "cosine")  # jaxagent.update.make_optimizer
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # attention, then MLP projections
+SANDBOX_ISOLATIONS = ("namespaces", "python")  # jaxagent.envs.sandbox: kernel namespaces, or Python-level guards

@@ -101,3 +101,29 @@ def test_the_expert_opens_with_the_goal_quoting_the_task():
         assert all(f"'{fact}'" in task.instruction for fact in quoted), (goal_line, task.instruction)
         if task.template == "pay":
             assert f"${task.target['amount']:g} " in goal_line and f"${task.target['amount']:g} " in task.instruction
+
+
+def test_the_world_lives_outside_the_agents_interpreter():
+    """Agent code reaches the world through its APIs only: no object in its namespace holds the state the unit
+    tests read, and a path that is not an API is refused by the harness."""
+    env = AppTownEnv(split_tasks("train")[0])
+    env.reset()
+    try:
+        assert "AttributeError" in env.run_cell("apis.wallet._world")
+        assert "has no API 'state'" in env.run_cell("print(apis.wallet.state())")
+        assert "no contact with phone" in env.run_cell("apis.contacts.show(phone='nobody')")  # the API's own error
+        names = env.run_cell("print(sorted(n for n in globals() if not n.startswith('__')))")
+        assert names == "['apis']"
+        assert env.completed() is None
+        env.run_cell("apis.supervisor.complete_task()")
+        assert env.completed() is not None  # the same state, changed through the API
+    finally:
+        env.close()
+
+
+def test_an_unknown_isolation_is_refused_before_the_run_starts():
+    from jaxagent.envs.apptown import SPEC
+
+    with pytest.raises(EnvError, match="isolation='bogus'; valid: namespaces, python"):
+        SPEC.start({"isolation": "bogus"}, 1)
+    assert SPEC.start({}, 1) is None

@@ -1,241 +1,197 @@
-"""The sandboxed interpreter: runs model-written Python cells, one persistent namespace per episode.
+"""The sandbox's harness: walls an interpreter in, relays cells to it and frames the replies the trainer reads.
 
-Started by `jaxagent.envs.sandbox.Sandbox` as `python -I -m jaxagent.envs.sandbox_worker SCRATCH REQ_FD RESP_FD`
-with a minimal environment. Before it runs any cell it isolates itself:
+Started by `jaxagent.envs.sandbox.Sandbox` as `python -I -m jaxagent.envs.sandbox_worker SCRATCH REQ_FD REPLY_FD
+CONFIG` with a minimal environment. The harness never runs agent code. It
 
-* new network namespace (no interface is up: no connection leaves the process tree);
-* new mount namespace in which every mount is read-only except the scratch directory (so nothing outside it can
-  be written, /tmp included; TMPDIR points into the scratch directory);
-* as root, it becomes a user of its own (uid 100000 + pid) so the process-count limit applies and the trainer's
-  /proc entries are unreadable; otherwise it maps itself to root of a new user namespace;
-* resource limits: address space, process count, file size, no core dumps.
+1. imports the modules the episode needs (`preload`) and builds the object it serves to the agent (`host`, e.g.
+   AppTown's world), while their files are still readable;
+2. enters the namespaces (`sandbox_isolation.enter_namespaces`), unless `isolation` is `python`;
+3. forks the init of the new pid namespace, which mounts its own /proc and forks the interpreter
+   (`sandbox_interpreter.serve`); when the interpreter ends, the init exits and the kernel kills whatever it left;
+4. answers the trainer's JSON-line requests: `{"code"}` runs a cell (the reply is the line from the interpreter
+   that carries the cell's random id; anything else the agent writes is dropped, and calls to the host are
+   answered), `{"report"}` returns `host.report()` without asking the interpreter.
 
-If the kernel refuses namespaces, it falls back to Python-level guards (sockets refused, writes outside the scratch
-directory refused) and says so in its handshake. Requests and replies are JSON lines on two dedicated pipe fds;
-fds 0-2 point at /dev/null, so a cell writing to them cannot corrupt the protocol.
+When the interpreter dies, the harness replies `{"stopped": how}` and exits; the trainer starts a new sandbox.
 """
 
 from __future__ import annotations
 
-import builtins
-import contextlib
-import ctypes
-import io
+import dataclasses
+import importlib
 import json
 import os
-import resource
+import secrets
+import signal
 import sys
-import traceback
+import time
 
-CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER = 0x00020000, 0x40000000, 0x10000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-_OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-                 "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
-UID_BASE = 100000
+from jaxagent.envs import sandbox_interpreter, sandbox_isolation
+
+# A line from the interpreter longer than this is not a reply (cells' output is cut far below it).
+MAX_LINE_CHARS = 1 << 22
 
 
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+@dataclasses.dataclass
+class Interpreter:
+    """The harness's handle on its interpreter: the child to wait for and the pipes to it."""
+
+    pid: int  # the pid namespace's init (or, with Python-level isolation, the interpreter itself)
+    channel: sandbox_interpreter.Channel
+
+    def run(self, code: str, host) -> dict:
+        """One cell: the interpreter's reply carrying this cell's id, or {"stopped": how} if it died."""
+        cell_id = secrets.token_hex(16)
+        try:
+            self.channel.send({"id": cell_id, "code": code})
+            while True:
+                message = self.channel.receive(MAX_LINE_CHARS)
+                if "call" in message:
+                    self.channel.send(_answer(host, message))
+                elif message.get("id") == cell_id:
+                    return {"output": str(message.get("output", "")), "error": _text_or_none(message.get("error"))}
+        except (EOFError, OSError, ValueError):
+            return {"stopped": self._exit_description()}
+
+    def wait_ready(self) -> bool | str:
+        """True once the interpreter is walled in; otherwise why it could not be."""
+        try:
+            message = self.channel.receive(MAX_LINE_CHARS)
+        except (EOFError, OSError, ValueError):
+            return f"the interpreter stopped before its first cell ({self._exit_description()})"
+        return True if message.get("ready") else str(message.get("failed"))
+
+    def _exit_description(self) -> str:
+        """How the interpreter ended (it may still run if it only closed its pipe: then it is killed)."""
+        deadline = time.monotonic() + 2.0
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        while pid == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            os.kill(self.pid, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code > 128:  # the init's encoding of a signal (see _run_init)
+            code = 128 - code
+        return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
 
 
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+def _text_or_none(value) -> str | None:
+    return None if value is None else str(value)
 
 
-def _mount_points() -> list[tuple[str, int]]:
-    """(mount point, per-mount flags that must be kept when remounting) from /proc/self/mountinfo."""
-    points = []
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            fields = line.split()
-            point = fields[4].encode().decode("unicode_escape")
-            flags = 0
-            for option in fields[5].split(","):
-                flags |= _OPTION_FLAGS.get(option, 0)
-            points.append((point, flags))
-    return points
-
-
-def _isolate_namespaces(scratch: str) -> str:
-    libc = _libc()
-    root = os.geteuid() == 0
-    uid, gid = os.getuid(), os.getgid()
-    _check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | (0 if root else CLONE_NEWUSER)), "unshare")
-    if not root:
-        with open("/proc/self/setgroups", "w") as handle:
-            handle.write("deny")
-        with open("/proc/self/uid_map", "w") as handle:
-            handle.write(f"0 {uid} 1")
-        with open("/proc/self/gid_map", "w") as handle:
-            handle.write(f"0 {gid} 1")
-    _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
-    _check(libc.mount(scratch.encode(), scratch.encode(), None, MS_BIND | MS_REC, None), "bind scratch")
-    if root:
-        _expose_python(scratch, libc)
-    for point, flags in _mount_points():
-        if point == scratch or point.startswith((scratch + "/", "/proc", "/sys")):
-            continue
-        flags |= MS_REMOUNT | MS_BIND | MS_RDONLY
-        libc.mount(None, point.encode(), None, flags, None)  # best effort: a mount we cannot touch stays as is
-    probe = os.path.join("/", f".jaxagent-sandbox-probe-{os.getpid()}")
+def _answer(host, message: dict) -> dict:
+    """Run a call the agent made on the served object; the host validates the path."""
+    if host is None:
+        return {"raised": ["RuntimeError", "nothing is served in this sandbox"]}
     try:
-        with open(probe, "w"):
-            pass
-        os.unlink(probe)
-        raise OSError("the root filesystem is still writable after remounting")
+        result = host.call(str(message["call"]), list(message.get("args", [])), dict(message.get("kwargs", {})))
+        json.dumps(result)
+    except Exception as exc:  # the agent's mistake is its observation
+        return {"raised": [type(exc).__name__, str(exc)]}
+    return {"result": result}
+
+
+def _make_host(spec: dict | None):
+    if not spec:
+        return None
+    module, name = spec["factory"].split(":")
+    return getattr(importlib.import_module(module), name)(*spec.get("args", []))
+
+
+def _start_interpreter(config: dict) -> Interpreter:
+    """Fork the interpreter (under its own init with namespaces); returns the harness's end of its pipes."""
+    to_child_read, to_child_write = os.pipe()
+    from_child_read, from_child_write = os.pipe()
+    harness = os.getpid()
+    # As root (and walled in by namespaces) the interpreter becomes a user of its own; otherwise (or when that uid
+    # does not exist here, e.g. in a rootless container) it keeps the trainer's user, root of a nested user namespace.
+    own_user = config["root"] and config["isolation"] == "namespaces" and sandbox_isolation.uid_is_mapped(
+        sandbox_isolation.UID_BASE + harness)
+    sandbox_uid = sandbox_isolation.UID_BASE + harness if own_user else None
+    if sandbox_uid is not None:
+        os.chown(config["scratch"], sandbox_uid, sandbox_uid)
+    pid = os.fork()
+    if pid == 0:
+        os.close(to_child_write)
+        os.close(from_child_read)
+        child_fds = (to_child_read, from_child_write)
+        try:
+            sandbox_isolation.die_with_parent(harness)
+            if config["isolation"] == "namespaces":
+                _run_init(child_fds, config, sandbox_uid)
+            sandbox_interpreter.serve(child_fds, config, None)
+        finally:
+            os._exit(70)
+    os.close(to_child_read)
+    os.close(from_child_write)
+    return Interpreter(pid, sandbox_interpreter.Channel(from_child_read, to_child_write))
+
+
+def _run_init(child_fds: tuple[int, int], config: dict, sandbox_uid: int | None) -> None:
+    """Pid 1 of the sandbox: mount its /proc, fork the interpreter, reap orphans, exit with the interpreter's
+    status (signals as 128 + n). The kernel then kills every process left in the namespace. Never returns."""
+    try:
+        sandbox_isolation.mount_own_proc()
     except OSError as err:
-        if "still writable" in str(err):
-            raise
-    if root:
-        sandbox_uid = UID_BASE + os.getpid()
-        os.chown(scratch, sandbox_uid, sandbox_uid)
-        os.setgroups([])
-        os.setgid(sandbox_uid)
-        os.setuid(sandbox_uid)
-    return "namespaces"
-
-
-def _others_can_read(path: str) -> bool:
-    """Whether a user who owns nothing can list `path` (every ancestor searchable, the directory readable)."""
-    current = os.path.abspath(path)
-    if not os.stat(current).st_mode & 0o005 == 0o005:
-        return False
-    while current != "/":
-        current = os.path.dirname(current)
-        if not os.stat(current).st_mode & 0o001:
-            return False
-    return True
-
-
-def _expose_python(scratch: str, libc) -> None:
-    """Make the interpreter's own library readable after the switch to an unprivileged user.
-
-    Python may live under a directory only root can enter (e.g. /root/.pyenv); such import directories are
-    bind-mounted read-only inside the scratch directory and sys.path points there, so `import socket` and friends
-    still work while the rest of that tree stays out of reach.
-    """
-    exposed = os.path.join(scratch, ".python")
-    os.mkdir(exposed, 0o755)
-    moved: dict[str, str] = {}
-    for k, entry in enumerate(list(sys.path)):
-        if not os.path.isdir(entry) or _others_can_read(entry):
-            continue
-        target = os.path.join(exposed, str(k))
-        os.mkdir(target, 0o755)
-        _check(libc.mount(entry.encode(), target.encode(), None, MS_BIND | MS_REC, None), f"expose {entry}")
-        libc.mount(None, target.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
-        sys.path[k] = target
-        moved[entry] = target
-    # Packages imported before the switch (e.g. `encodings`) must find their later submodules in the new place.
-    for module in list(sys.modules.values()):
-        paths = getattr(module, "__path__", None)
-        if isinstance(paths, list):
-            for i, path in enumerate(paths):
-                for old, new in moved.items():
-                    if path == old or path.startswith(old + os.sep):
-                        paths[i] = new + path[len(old):]
-    sys.path_importer_cache.clear()
-
-
-def _isolate_python_level(scratch: str) -> str:
-    """Fallback when the kernel refuses namespaces: refuse sockets and writes outside the scratch directory."""
-    import socket
-
-    class RefusedSocket(socket.socket):
-        def __init__(self, *args, **kwargs):
-            raise PermissionError("network access is disabled in the sandbox")
-
-    socket.socket = RefusedSocket
-    real_open = builtins.open
-
-    def guarded_open(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and isinstance(file, (str, bytes, os.PathLike)):
-            path = os.path.realpath(os.fsdecode(file))
-            if not path.startswith(scratch + os.sep):
-                raise PermissionError(f"writing outside the sandbox directory is disabled: {path}")
-        return real_open(file, mode, *args, **kwargs)
-
-    builtins.open = guarded_open
-    return "python-level"
-
-
-def _limit(memory_mb: int, max_processes: int, max_file_mb: int, tasks_already: int) -> None:
-    """Resource limits. RLIMIT_NPROC counts every task (process or thread) of the real user, so a sandbox that
-    shares its user with the trainer gets the user's current count plus its own allowance."""
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_mb << 20, max_file_mb << 20))
-    limit = tasks_already + max_processes
-    resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
-
-
-def tasks_of(uid: int) -> int:
-    """Processes and threads owned by `uid` (from /proc)."""
-    count = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+        sandbox_interpreter.Channel(*child_fds).send({"failed": str(err)})
+        os._exit(71)
+    interpreter = os.fork()
+    if interpreter == 0:
         try:
-            with open(f"/proc/{entry}/status") as handle:
-                fields = dict(line.split(":", 1) for line in handle if ":" in line)
-        except OSError:
-            continue
-        if int(fields.get("Uid", "-1").split()[0]) == uid:
-            count += int(fields.get("Threads", "1").strip())
-    return count
+            sandbox_interpreter.serve(child_fds, config, sandbox_uid)
+        finally:
+            os._exit(70)
+    sandbox_interpreter.close_all_but(())
+    while True:
+        pid, status = os.wait()
+        if pid == interpreter:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(code if code >= 0 else 128 - code)
 
 
-def _run_cell(code: str, namespace: dict, max_output: int) -> dict:
-    buffer = io.StringIO()
-    error = None
-    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-        try:
-            exec(compile(code, "<cell>", "exec"), namespace)
-        except BaseException as exc:  # the cell's failure is the observation, whatever it is
-            lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-            # Drop this file's frame: the agent should see its own code's traceback only.
-            error = "".join(line for line in lines if "sandbox_worker.py" not in line)[-4000:]
-    output = buffer.getvalue()
-    if len(output) > max_output:
-        output = output[:max_output] + f"\n[output truncated at {max_output} characters]"
-    return {"output": output, "error": error}
+def _isolate(scratch: str, config: dict) -> None:
+    if config["isolation"] != "namespaces":
+        return
+    keep = tuple(path for path in sys.path if os.path.isdir(path)) + (sys.prefix, sys.base_prefix)
+    sandbox_isolation.enter_namespaces(scratch, sandbox_isolation.PRIVATE_PATHS + (config["home"],), keep)
 
 
 def main() -> None:
-    """Isolate, then answer requests until the pipe closes."""
+    """Set up, then relay requests until the trainer closes the pipe."""
     scratch, request_fd, reply_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    config = json.loads(sys.argv[4])
+    config = {**json.loads(sys.argv[4]), "scratch": scratch, "root": os.geteuid() == 0}
     requests = os.fdopen(request_fd, "r", encoding="utf-8")
     replies = os.fdopen(reply_fd, "w", encoding="utf-8")
-    my_pid = os.getpid()
-    # Modules the setup code needs are imported while their files are still readable: after the switch to the
-    # sandbox's own user, a checkout in a private directory (e.g. mktemp -d) could no longer be entered.
+
+    def reply(message: dict) -> None:
+        replies.write(json.dumps(message) + "\n")
+        replies.flush()
+
     for module in config.get("preload", ()):
-        __import__(module)
-    # As root the sandbox becomes a user of its own (counted from 1); otherwise it shares the trainer's user.
-    tasks_already = 1 if os.geteuid() == 0 else tasks_of(os.getuid())
+        importlib.import_module(module)
+    host = _make_host(config.get("host"))
     try:
-        isolation = _isolate_namespaces(scratch)
+        _isolate(scratch, config)
     except OSError as err:
-        isolation = _isolate_python_level(scratch) + f" (namespaces unavailable: {err})"
-        tasks_already = tasks_of(os.getuid())
-    os.chdir(scratch)
-    _limit(config["memory_mb"], config["max_processes"], config["max_file_mb"], tasks_already)
-    sys.setrecursionlimit(config.get("recursion_limit", 3000))
-    replies.write(json.dumps({"ready": True, "isolation": isolation}) + "\n")
-    replies.flush()
-    namespace: dict = {"__name__": "__main__"}
+        reply({"ready": False, "error": str(err)})
+        return
+    interpreter = _start_interpreter(config)
+    walled_in = interpreter.wait_ready()
+    if walled_in is not True:
+        reply({"ready": False, "error": walled_in})
+        return
+    reply({"ready": True, "isolation": config["isolation"], "pid": interpreter.pid})
     for line in requests:
         request = json.loads(line)
-        reply = _run_cell(request["code"], namespace, config["max_output_chars"])
-        if os.getpid() != my_pid:  # a forked child of a cell must never answer for the interpreter
-            os._exit(0)
-        replies.write(json.dumps(reply) + "\n")
-        replies.flush()
+        if "report" in request:
+            reply({"report": host.report() if host is not None else None})
+            continue
+        answer = interpreter.run(request["code"], host)
+        reply(answer)
+        if "stopped" in answer:
+            return
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The AppTown environment: an episode is a sandboxed interpreter holding the task's world.
+"""The AppTown environment: an episode is a sandboxed interpreter whose harness holds the task's world.
 
 Each agent turn's ```python blocks run as one cell; the observation is what the cell printed (or its traceback).
 The episode ends when the agent calls `apis.supervisor.complete_task(...)`; the reward is the fraction of the task's
@@ -7,37 +7,35 @@ unit tests that pass on the final state and answer.
 
 from __future__ import annotations
 
-import json
 import random
 
 from jaxagent.envs.apptown.tasks import expert_turns, make_task, score
 from jaxagent.envs.base import Message, Outcome, PythonCellTurns
-from jaxagent.envs.sandbox import Sandbox, SandboxLimits
+from jaxagent.envs.sandbox import HostSpec, Sandbox, SandboxLimits
 
 SYSTEM_PROMPT = (
     "You are an agent in AppTown. Write Python in a ```python block; it runs in a persistent interpreter and you "
     "see what it prints. Use the apps through `apis`: apis.api_docs.show_api_descriptions(app_name=...) lists an "
     "app's APIs. Finish with apis.supervisor.complete_task(), passing answer=... if the task asks a question."
 )
-_WORLD = "__apptown_world"
 
 
 class AppTownEnv(PythonCellTurns):
     """One AppTown episode."""
 
     def __init__(self, task_id: str, seed: int = 0, limits: SandboxLimits = SandboxLimits(cell_timeout_s=5.0,
-                                                                                          memory_mb=512)) -> None:
-        self.task_id, self.seed, self.limits = task_id, seed, limits
+                                                                                          memory_mb=512),
+                 isolation: str = "namespaces") -> None:
+        """`isolation`: "namespaces", or "python" where the kernel refuses them (env.options.isolation)."""
+        self.task_id, self.seed, self.limits, self.isolation = task_id, seed, limits, isolation
         self.task = make_task(task_id)
         self._sandbox: Sandbox | None = None
 
     def reset(self) -> list[Message]:
         """Start a fresh interpreter with the task's world; returns the system prompt and the task."""
         self.close()
-        setup = (f"import json as _json\nfrom jaxagent.envs.apptown.world import World as _World\n"
-                 f"{_WORLD} = _World(_json.loads({json.dumps(json.dumps(self.task.state))}))\n"
-                 f"apis = {_WORLD}.apis\ndel _World, _json")
-        self._sandbox = Sandbox(self.limits, setup_code=setup, preload=("jaxagent.envs.apptown.world",))
+        world = HostSpec("jaxagent.envs.apptown.world:World", (self.task.state,), name="apis")
+        self._sandbox = Sandbox(self.limits, host=world, isolation=self.isolation)
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.task.instruction}]
 
     def run_cell(self, code: str) -> str:
@@ -69,9 +67,4 @@ class AppTownEnv(PythonCellTurns):
         return self._sandbox
 
     def _state(self) -> dict:
-        reply = self._box().run(f"print({_WORLD}.dump())")
-        try:
-            return json.loads(reply.output)
-        except json.JSONDecodeError:
-            # The agent broke the world object itself; score the state it started from.
-            return {**self.task.state, "sent": [], "completed": False, "answer": None}
+        return self._box().report()

@@ -163,3 +163,20 @@ class World:
     def dump(self) -> str:
         """The state as JSON (read by the unit tests)."""
         return json.dumps(self.state)
+
+    # The sandbox's harness serves the world (sandbox.HostSpec): the agent's interpreter holds only a proxy, so
+    # agent code reaches the state through the documented APIs alone and cannot rewrite what the tests read.
+
+    def call(self, path: str, args: list, kwargs: dict):
+        """Run `apis.<app>.<api>(*args, **kwargs)` for the agent; any other path is refused."""
+        app_name, _, api_name = path.partition(".")
+        if app_name not in APPS:
+            raise AttributeError(f"apis has no app {app_name!r}; apps: {', '.join(APPS)}")
+        if api_name not in APPS[app_name].api_names():
+            raise AttributeError(f"app {app_name!r} has no API {api_name!r}; APIs: "
+                                 f"{', '.join(APPS[app_name].api_names())}")
+        return getattr(getattr(self.apis, app_name), api_name)(*args, **kwargs)
+
+    def report(self) -> dict:
+        """The state, for the trainer's unit tests."""
+        return copy.deepcopy(self.state)
