@@ -32,6 +32,9 @@ from jaxagent.sampling import Sampler, SamplingParams
 
 CPU_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                  num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+# --smoke: checks that a benchmark runs end to end in seconds (the test suite's use); its figures mean nothing.
+SMOKE_MODEL = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 GPU_MODEL = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)  # Qwen2.5-1.5B's shape
 
@@ -111,17 +114,18 @@ def spread(times: list[float], tokens: int) -> dict[str, float]:
             "max": round(tokens / min(times), 1)}
 
 
-def cpu_benchmark(batches: list[int], prompt_len: int, new_tokens: int, repeats: int, compile_hf: bool) -> dict:
+def cpu_benchmark(batches: list[int], prompt_len: int, new_tokens: int, repeats: int, compile_hf: bool,
+                  shape: dict = CPU_MODEL) -> dict:
     """jaxagent vs transformers generate (dynamic cache, static cache, static + torch.compile), per batch size."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        n_params = build_model(folder, CPU_MODEL)
+        n_params = build_model(folder, shape)
         rng = np.random.default_rng(0)
         report = {"benchmark": "sampler", **machine(), "jax_backend": jax.default_backend(),
                   "params_millions": round(n_params / 1e6, 1), "prompt_len": prompt_len, "new_tokens": new_tokens,
                   "repeats": repeats, "results": []}
         for batch in batches:
-            prompts = rng.integers(0, CPU_MODEL["vocab_size"], (batch, prompt_len))
+            prompts = rng.integers(0, shape["vocab_size"], (batch, prompt_len))
             ours = JaxagentRun(folder, prompts, new_tokens)
             runs = {"jaxagent": ours, "hf_dynamic": hf_side(folder, prompts, new_tokens, "dynamic", False),
                     "hf_static": hf_side(folder, prompts, new_tokens, "static", False)}
@@ -187,6 +191,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip transformers with torch.compile")
     parser.add_argument("--gpu", action="store_true", help="1.5B bf16 model on the accelerator vs the roofline")
+    parser.add_argument("--smoke", action="store_true", help="a 2-layer model: checks the run, figures mean nothing")
     parser.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="HBM bandwidth for the roofline")
     args = parser.parse_args()
     if args.gpu:
@@ -194,7 +199,7 @@ def main() -> None:
                                args.bandwidth_gbs)
     else:
         report = cpu_benchmark(args.batches or [1, 16], args.prompt_len, args.new_tokens, args.repeats,
-                               not args.no_compile)
+                               not args.no_compile, SMOKE_MODEL if args.smoke else CPU_MODEL)
     print(json.dumps(report))
 
 

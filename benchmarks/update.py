@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.machine import machine
-from benchmarks.sampler import CPU_MODEL, build_model
+from benchmarks.sampler import CPU_MODEL, SMOKE_MODEL, build_model
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.hf import load_hf_params
 from jaxagent.models.lora import LoraConfig
@@ -93,7 +93,8 @@ class JaxSide:
         self.config, params = load_hf_params(folder)
         tokens = jnp.asarray(data["tokens"], jnp.int32)
         segments = jnp.ones_like(tokens)
-        old, _ = sequence_logprobs(params, self.config, tokens, segments, adapters, lora, 1.0, 512)
+        logprobs = jax.jit(lambda p, a: sequence_logprobs(p, self.config, tokens, segments, a, lora, 1.0, 512)[0])
+        old = logprobs(params, adapters)
         old = old - 0.01  # ratios slightly away from 1, as on a second epoch
         self.batch = SequenceBatch(tokens, segments, jnp.asarray(data["mask"]), jnp.asarray(data["turn"]), old, old,
                                    jnp.asarray(data["advantages"]), jnp.ones(tokens.shape[0], jnp.float32))
@@ -272,13 +273,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side (minutes to compile)")
+    parser.add_argument("--smoke", action="store_true", help="a 2-layer model: checks the run, figures mean nothing")
     args = parser.parse_args()
+    shape = SMOKE_MODEL if args.smoke else CPU_MODEL
     report = {"benchmark": "update", **machine()}
     ceilings = report["matmul_2048_f32_gflops"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        n_params = build_model(folder, CPU_MODEL)
-        data = make_batch(args.batch, args.length, CPU_MODEL["vocab_size"])
+        n_params = build_model(folder, shape)
+        data = make_batch(args.batch, args.length, shape["vocab_size"])
         settings = {"full": None, f"lora_r{args.lora_rank}": LoraConfig(rank=args.lora_rank,
                                                                         alpha=2.0 * args.lora_rank)}
         results = {name: run_setting(folder, data, lora, args.repeats, not args.no_compile, ceilings)

@@ -1,5 +1,8 @@
-"""Run by test_sharding.py in a subprocess with 8 simulated CPU devices: forward and sampling on several meshes
-must equal the single-device results. Prints one JSON line."""
+"""Run by test_sharding.py in a subprocess with 8 simulated CPU devices: forward and sampling (`forward`), or the
+LoRA update (`update`), on several meshes must equal the single-device results. Prints one JSON line.
+
+    python tests/mesh_worker.py MODEL_FOLDER forward|update
+"""
 
 from __future__ import annotations
 
@@ -26,9 +29,12 @@ from jaxagent.sharding import (  # noqa: E402
 )
 
 
-def main(folder: str) -> None:
+def main(folder: str, part: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     config, params = load_hf_params(folder)
+    if part == "update":
+        print(json.dumps(update_under_meshes(config, params)))
+        return
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (4, 16))
     mask = np.ones_like(ids)
@@ -73,7 +79,6 @@ def main(folder: str) -> None:
             "sampled_logprob_max_diff": float(max(np.abs(a - b).max() for a, b in zip(logits_sampled.logprobs,
                                                                                        ref_sampled.logprobs))),
         }
-    results["update"] = update_under_meshes(config, params)
     print(json.dumps(results))
 
 
@@ -140,4 +145,4 @@ def update_under_meshes(config, params) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

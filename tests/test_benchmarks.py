@@ -28,7 +28,7 @@ def _spread_ok(spread: dict) -> bool:
 @pytest.mark.slow
 def test_sampler_benchmark_measures_every_baseline_with_identical_tokens():
     line = _run("benchmarks.sampler", "--batches", "2", "--prompt-len", "8", "--new-tokens", "8", "--repeats", "2",
-                "--no-compile")
+                "--no-compile", "--smoke")
     assert line["matmul_2048_f32_gflops"]["xla"] > 0 and line["matmul_2048_f32_gflops"]["torch"] > 0
     (result,) = line["results"]
     assert set(result["tokens_per_s"]) == {"jaxagent", "hf_dynamic", "hf_static"}
@@ -39,7 +39,8 @@ def test_sampler_benchmark_measures_every_baseline_with_identical_tokens():
 
 @pytest.mark.slow
 def test_update_benchmark_compares_equal_losses_full_and_lora():
-    line = _run("benchmarks.update", "--batch", "2", "--length", "64", "--repeats", "2", "--no-compile")
+    line = _run("benchmarks.update", "--batch", "2", "--length", "64", "--repeats", "2", "--no-compile",
+                "--smoke")
     for setting in ("full", "lora_r16"):
         result = line[setting]
         assert result["losses_agree"] is True

@@ -52,23 +52,32 @@ def test_rules_skip_axes_that_do_not_divide():
     assert logical_to_spec(("batch", "length"), (1, 32), mesh, TRAIN_RULES) == P(None, None)
 
 
+def _mesh_worker(folder, part: str) -> dict:
+    """Run tests/mesh_worker.py (8 simulated devices) in a subprocess; its JSON result."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(WORKER), str(folder), part], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_sharded_forward_and_sampling_equal_one_device(hf_models):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(WORKER), str(hf_models["qwen2_untied"])], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = _mesh_worker(hf_models["qwen2_untied"], "forward")
     assert results["data2_fsdp2_tensor2"]["q_kernel_spec"] == "P(None, 'fsdp', 'tensor', None)"
     assert results["fsdp8"]["q_kernel_spec"] == "P(None, 'fsdp', None, None)"
-    update = results.pop("update")
-    for name, result in update.items():  # the LoRA LOOP gradient, then two micro-batched steps, sharded vs one device
-        assert result["gradient_scale"] > 1e-4 and result["gradient_max_rel_diff"] < 1e-4, (name, result)
-        assert result["gradient_loss_diff"] < 1e-6, (name, result)
-        assert result["lora_max_diff"] < 1e-6 and result["loss_diff"] < 1e-6, (name, result)
-        assert result["lora_a_spec"] == "P(None, 'fsdp', None)" and result["lora_a_devices"] == 8, (name, result)
     for name, result in results.items():
         assert result["q_kernel_devices"] == 8, name
         assert result["forward_max_diff"] < 1e-5, (name, result)
         assert result["greedy_equal"] and result["sampled_equal"], (name, result)
         assert result["sampled_logprob_max_diff"] < 1e-5, (name, result)
+
+
+@pytest.mark.slow
+def test_sharded_lora_gradients_and_steps_equal_one_device(hf_models):
+    """The LoRA LOOP gradient, then two micro-batched steps, sharded vs one device."""
+    for name, result in _mesh_worker(hf_models["qwen2_untied"], "update").items():
+        assert result["gradient_scale"] > 1e-4 and result["gradient_max_rel_diff"] < 1e-4, (name, result)
+        assert result["gradient_loss_diff"] < 1e-6, (name, result)
+        assert result["lora_max_diff"] < 1e-6 and result["loss_diff"] < 1e-6, (name, result)
+        assert result["lora_a_spec"] == "P(None, 'fsdp', None)" and result["lora_a_devices"] == 8, (name, result)

@@ -14,6 +14,7 @@ segment-id array. With a KV cache, keys are the cache slots and the new tokens a
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -372,8 +373,8 @@ def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
 
 def init_params(config: ModelConfig, rng: jax.Array, lora: LoraConfig | None = None) -> tuple[dict, dict]:
     """Random parameters (HF's init: normal(0.02), norms 1, biases 0) and LoRA adapters ({} without LoRA)."""
-    variables = _init_variables(config, rng, lora)
-    variables = nn.unbox(variables)
+    # One compiled program: run op by op, the init compiles every small op on its own (seconds on a CPU).
+    variables = nn.unbox(_jitted_init(config, rng, lora))
     return variables["params"], variables.get("lora", {})
 
 
@@ -388,6 +389,11 @@ def abstract_params(config: ModelConfig, lora: LoraConfig | None = None) -> tupl
     """Shapes and dtypes of the parameters and adapters (`jax.ShapeDtypeStruct`s), without allocating them."""
     abstract = nn.unbox(jax.eval_shape(lambda key: _init_variables(config, key, lora), jax.random.key(0)))
     return abstract["params"], abstract.get("lora", {})
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _jitted_init(config: ModelConfig, rng: jax.Array, lora: LoraConfig | None) -> dict:
+    return _init_variables(config, rng, lora)
 
 
 def _init_variables(config: ModelConfig, rng: jax.Array, lora: LoraConfig | None) -> dict:
