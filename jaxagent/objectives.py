@@ -23,6 +23,7 @@ with LoRA switched off.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -94,6 +95,8 @@ Term = Callable[[Scored, Any, jax.Array], tuple[jax.Array, jax.Array]]  # (score
 LossFn = Callable[[dict, dict, Any, jax.Array, jax.Array], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
 
 
+# Jitted (inlined when traced by a caller) for the same reason as `forward`: one program when called eagerly.
+@functools.partial(jax.jit, static_argnames=("config", "lora", "temperature", "chunk"), inline=True)
 def sequence_logprobs(params: dict, config: ModelConfig, tokens_NxT: jax.Array, segment_ids_NxT: jax.Array,
                       lora_params: dict | None, lora: LoraConfig | None, temperature: float, chunk: int,
                       value_head: dict | None = None, dropout_rng: jax.Array | None = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,15 @@ import pytest
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Most of the suite's time is XLA:CPU compiling tiny programs, not running them. Without LLVM's optimisation passes
+# and with the classic fusion emitters a program compiles about five times faster (the same HLO program; only its
+# machine code is less tuned), which more than pays for slower kernels on tiny shapes. Subprocesses inherit it; a
+# test whose run is dominated by long sequences asks for `RUNTIME_FLAGS` instead. Users' runs keep XLA's defaults,
+# and `JAXAGENT_TEST_XLA_DEFAULTS=1` runs the suite with them too.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+RUNTIME_FLAGS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
+if not os.environ.get("JAXAGENT_TEST_XLA_DEFAULTS"):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 VOCAB = 512
 
@@ -110,3 +121,21 @@ def rollouts(tmp_path_factory):
                                         info={**by_slot[g, k].info, "success": rewards[3 * g + k] == 1.0})
                     for g in range(2) for k in range(3)]
     return setup, policy, config, trajectories
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> tuple[Path, str]:
+    """(folder, stdout) of one uninterrupted `python -m jaxagent.train --config tiny` MICRO run, made once and shared
+    by every test and pytest worker that compares against it (a file lock makes the others wait for the first)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's folder of all workers
+    folder, stdout = shared / "micro_run", shared / "micro_run.out"
+    with FileLock(str(shared / "micro_run.lock")):
+        if not stdout.exists():
+            proc = subprocess.run([sys.executable, "-m", "jaxagent.train", "--config", "tiny", *MICRO,
+                                   f"run_dir={folder}"], capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            stdout.write_text(proc.stdout)
+    return folder, stdout.read_text()

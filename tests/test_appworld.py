@@ -25,7 +25,15 @@ from jaxagent.envs.base import ENV_ERROR, EnvError
 from jaxagent.envs.registry import list_tasks
 from jaxagent.metrics import goal_completion
 
+from conftest import FAST_COMPILE_FLAGS, RUNTIME_FLAGS
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def runtime_env() -> dict:
+    """The environment with XLA tuned for running (2,048-token contexts), not for compiling fast."""
+    flags = os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAGS, RUNTIME_FLAGS)
+    return {**os.environ, "XLA_FLAGS": flags}
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +154,7 @@ def test_loop_qwen7b_runs_a_short_loop_stage_on_the_offline_tasks(home, tmp_path
                  "loop.min_abs_advantage=0.0",  # a random policy ties every group; keep them so the update runs
                  "eval.every=2", "eval.tasks=3", "checkpoint.every=1", f"run_dir={run}"]
     result = subprocess.run([sys.executable, "-m", "jaxagent.train", "--config", "loop_qwen7b", *overrides],
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
+                            capture_output=True, text=True, timeout=600, cwd=REPO, env=runtime_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TGC" in result.stdout and "SGC" in result.stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -54,7 +54,8 @@ def test_rules_skip_axes_that_do_not_divide():
 
 def _mesh_worker(folder, part: str) -> dict:
     """Run tests/mesh_worker.py (8 simulated devices) in a subprocess; its JSON result."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(WORKER), str(folder), part], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -151,11 +151,11 @@ def _metrics_without_time(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_when", ["sft/2", "loop/1"])
-def test_sigkill_then_restart_equals_an_uninterrupted_run(kill_when, tmp_path):
+def test_sigkill_then_restart_equals_an_uninterrupted_run(kill_when, tmp_path, micro_run):
     """Kill with SIGKILL once the named checkpoint exists (the next iteration is under way), restart the same
     command: it resumes, finishes, and every final parameter and every metric equals an uninterrupted run's."""
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    reference = _train_cli(whole)
+    whole, out_ref = micro_run
+    killed = tmp_path / "killed"
     victim = _train_cli(killed)
     marker = killed / "checkpoints" / kill_when
     deadline = time.time() + 240
@@ -169,8 +169,6 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(kill_when, tmp_path):
     out, err = restarted.communicate(timeout=600)
     assert restarted.returncode == 0, err[-2000:]
     assert "resumed from the checkpoint of iteration" in out
-    out_ref, err_ref = reference.communicate(timeout=600)
-    assert reference.returncode == 0, err_ref[-2000:]
     for stage in ("sft", "loop"):
         for a, b in zip(leaves(whole / "stages" / stage / "policy"), leaves(killed / "stages" / stage / "policy")):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -180,17 +178,15 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(kill_when, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_repeats_the_final_table(tmp_path):
-    proc = _train_cli(tmp_path)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    results = evaluate_run(tmp_path)
+def test_evaluate_repeats_the_final_table(micro_run):
+    run_dir, out = micro_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    results = evaluate_run(run_dir)
     for stage, stats in results.items():
         assert stats["success"] == summary["stages"][stage]["eval_success"]
         assert stats["reward"] == summary["stages"][stage]["eval_reward"]
         assert stats["turns"] == summary["stages"][stage]["eval_turns"]
-    cli = subprocess.run([sys.executable, "-m", "jaxagent.evaluate", "--run", str(tmp_path)], capture_output=True,
+    cli = subprocess.run([sys.executable, "-m", "jaxagent.evaluate", "--run", str(run_dir)], capture_output=True,
                          text=True, timeout=600)
     assert cli.returncode == 0, cli.stderr[-2000:]
     table = out.split("held-out evaluation")[1].split("run folder:")[0]

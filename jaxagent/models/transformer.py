@@ -414,6 +414,17 @@ def forward(params: dict, config: ModelConfig, tokens_BxT: jax.Array, positions_
     the slots attended to (the caller guarantees every write lands below it); `logits_at_BxK` picks the positions
     whose logits are computed (all when None); `with_logits=False` returns only hidden states (logits None).
     """
+    return _forward(params, config, tokens_BxT, positions_BxT, segment_ids_BxT, cache, lora_params, lora,
+                    dropout_rng, kv_limit, logits_at_BxK, with_logits)
+
+
+# Jitted, and inlined into any caller that is itself traced: called eagerly (tests, notebooks, the README) the
+# whole decoder is one compiled program instead of a hundred one-op programs, each compiled on first use.
+@functools.partial(jax.jit, static_argnames=("config", "lora", "kv_limit", "with_logits"), inline=True)
+def _forward(params: dict, config: ModelConfig, tokens_BxT: jax.Array, positions_BxT: jax.Array | None,
+             segment_ids_BxT: jax.Array | None, cache: KVCache | None, lora_params: dict | None,
+             lora: LoraConfig | None, dropout_rng: jax.Array | None, kv_limit: int | None,
+             logits_at_BxK: jax.Array | None, with_logits: bool) -> DecoderOutput:
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
     if positions_BxT is None:
