@@ -123,6 +123,11 @@ def rollouts(tmp_path_factory):
     return setup, policy, config, trajectories
 
 
+def micro_train_command(run_dir: Path, *extra: str) -> list[str]:
+    """`python -m jaxagent.train --config tiny` with the MICRO sizes, writing to `run_dir`."""
+    return [sys.executable, "-m", "jaxagent.train", "--config", "tiny", *MICRO, f"run_dir={run_dir}", *extra]
+
+
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory) -> tuple[Path, str]:
     """(folder, stdout) of one uninterrupted `python -m jaxagent.train --config tiny` MICRO run, made once and shared
@@ -134,8 +139,7 @@ def micro_run(tmp_path_factory) -> tuple[Path, str]:
     folder, stdout = shared / "micro_run", shared / "micro_run.out"
     with FileLock(str(shared / "micro_run.lock")):
         if not stdout.exists():
-            proc = subprocess.run([sys.executable, "-m", "jaxagent.train", "--config", "tiny", *MICRO,
-                                   f"run_dir={folder}"], capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(micro_train_command(folder), capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc.stderr[-2000:]
             stdout.write_text(proc.stdout)
     return folder, stdout.read_text()

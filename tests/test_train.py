@@ -22,7 +22,7 @@ from jaxagent.evaluate import evaluate_run
 from jaxagent.train import train
 from jaxagent.update import UpdateConfig, init_train_state, make_update_step
 
-from conftest import MICRO
+from conftest import MICRO, micro_train_command
 
 
 def leaves(folder):
@@ -139,8 +139,7 @@ def test_leave_one_out_filter_drops_groups_without_signal(rollouts):
 
 
 def _train_cli(run_dir, *extra):
-    return subprocess.Popen([sys.executable, "-m", "jaxagent.train", "--config", "tiny", *MICRO,
-                             f"run_dir={run_dir}", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(micro_train_command(run_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
