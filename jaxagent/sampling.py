@@ -3,9 +3,10 @@
 The sampler keeps one cache for a batch of rows (episodes). `start` writes each row's prompt; `generate` decodes
 until every active row hits a stop condition; `append` writes environment tokens after a row's last token and the
 row is ready to decode again, without recomputing its prefix. `refill` restarts chosen rows with new prompts and
-`take` keeps a subset of rows (a smaller batch bucket). Each call consumes the Batch it is given (its buffers are
-donated) and returns the next one. Every token the model samples is written to the cache
-(including the one that stopped it), so a row's cache always holds exactly its conversation so far.
+`take` keeps a subset of rows (a smaller batch bucket). Appends and refills compute only the rows that receive
+tokens, attending to no more cache slots than those rows hold. Each call consumes the Batch it is given (its
+buffers are donated) and returns the next one. Every token the model samples is written to the cache (including
+the one that stopped it), so a row's cache always holds exactly its conversation so far.
 
 Shapes are rounded up to buckets (batch rows, chunk length, new-token buffer, attended context), so a long
 multi-turn rollout compiles a handful of programs; `compile_count` says how many.
@@ -29,7 +30,7 @@ from jaxagent.buckets import POWERS_OF_TWO, round_up
 from jaxagent.errors import UserError
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
-from jaxagent.models.transformer import KVCache, forward, init_cache
+from jaxagent.models.transformer import KVCache, forward, init_cache, write_kv, write_rows
 from jaxagent.sharding import CACHE_AXES, SAMPLE_RULES, Rules, sharding_for
 
 STOP_REASONS = ("running", "stop_token", "stop_sequence", "stop_string", "max_new_tokens", "cache_full")
@@ -292,14 +293,20 @@ class Sampler:
                                 f"max_len={self.max_len}; shorten the prompt or raise max_len")
         if counts.max() == 0:
             return batch
+        # Only the rows that receive tokens are computed (a refilled prompt does not pay for the other rows); the
+        # padding entries of the row bucket are other rows with nothing to write.
+        extended = np.nonzero(counts)[0]
+        width = round_up(len(extended), self.batch_buckets, "batch size")
+        idle = np.nonzero(counts == 0)[0][: width - len(extended)]
+        index = np.concatenate([extended, idle]).astype(np.int32)
         chunk_len = round_up(int(counts.max()), self.length_buckets, "chunk length")
-        tokens = np.zeros((len(batch.lengths), chunk_len), np.int32)
-        for i, chunk in enumerate(chunks):
-            if chunk:
-                tokens[i, : len(chunk)] = chunk
-        kv_limit = self._kv_limit(int(new_lengths.max()))
-        state = self._extend(params, batch.state, jnp.asarray(tokens), jnp.asarray(counts, jnp.int32), lora_params,
-                             kv_limit=kv_limit)
+        tokens = np.zeros((width, chunk_len), np.int32)
+        for j, i in enumerate(extended):
+            tokens[j, : counts[i]] = chunks[i]
+        # The chunk attends to what its rows already hold: no more cache slots than the longest of them.
+        kv_limit = self._kv_limit(max(int(batch.lengths[extended].max()), 1))
+        state = self._extend(params, batch.state, jnp.asarray(tokens), jnp.asarray(counts[index], jnp.int32),
+                             jnp.asarray(index), lora_params, kv_limit=kv_limit)
         return Batch(state, batch.rows, new_lengths)
 
     def generate(self, params: dict, batch: Batch, sampling: SamplingParams, rng: jax.Array,
@@ -389,16 +396,29 @@ class Sampler:
         return forward(params, self.config, tokens, positions, segments, cache, lora_params, self.lora,
                        kv_limit=kv_limit, logits_at_BxK=logits_at)
 
-    def _extend_impl(self, params, state: SamplerState, tokens_BxT, counts_B, lora_params, *, kv_limit):
-        steps = tokens_BxT.shape[1]
+    def _extend_impl(self, params, state: SamplerState, tokens_RxT, counts_R, rows_R, lora_params, *, kv_limit):
+        """Append each chunk to its row: rows `rows_R` attend to their first `kv_limit` slots and the chunk."""
+        cache, steps = state.cache, tokens_RxT.shape[1]
         offsets = jnp.arange(steps)[None, :]
-        segments = (offsets < counts_B[:, None]).astype(jnp.int32)
-        positions = state.next_position_B[:, None] + offsets
-        last = jnp.maximum(counts_B - 1, 0)[:, None]
-        out = self._forward(params, lora_params, tokens_BxT, positions, segments, state.cache, kv_limit, last)
-        extended = counts_B > 0
-        logits = jnp.where(extended[:, None], out.logits_BxTxV[:, 0], state.last_logits_BxV)
-        return SamplerState(out.cache, state.next_position_B + counts_B, logits)
+        segments = (offsets < counts_R[:, None]).astype(jnp.int32)
+        positions = state.next_position_B[rows_R][:, None] + offsets
+        last = jnp.maximum(counts_R - 1, 0)[:, None]
+        # The rows' live slots plus room for the chunk: a copy no larger than what attention reads anyway.
+        room = ((0, 0), (0, 0), (0, 0), (0, steps), (0, 0))
+        ends = cache.end_B[rows_R]
+        view = KVCache(jnp.pad(cache.k_LxBxKxSxDh[:, rows_R, :, :kv_limit], room),
+                       jnp.pad(cache.v_LxBxKxSxDh[:, rows_R, :, :kv_limit], room),
+                       jnp.pad(cache.segment_ids_BxS[rows_R, :kv_limit], ((0, 0), (0, steps))), ends)
+        out = self._forward(params, lora_params, tokens_RxT, positions, segments, view, kv_limit, last)
+        new_k, new_v = (_slots_from(x, ends, steps) for x in (out.cache.k_LxBxKxSxDh, out.cache.v_LxBxKxSxDh))
+        full = KVCache(write_kv(cache.k_LxBxKxSxDh, new_k, ends, rows_R),
+                       write_kv(cache.v_LxBxKxSxDh, new_v, ends, rows_R),
+                       write_rows(cache.segment_ids_BxS, segments, ends, rows_R),
+                       cache.end_B.at[rows_R].set(out.cache.end_B))
+        extended = counts_R > 0
+        logits = state.last_logits_BxV.at[rows_R].set(
+            jnp.where(extended[:, None], out.logits_BxTxV[:, 0], state.last_logits_BxV[rows_R]))
+        return SamplerState(full, state.next_position_B.at[rows_R].add(counts_R), logits)
 
     def _decode_impl(self, params, state: SamplerState, budget_B, cache_bound_B, progress: "_Progress",
                      steps, temperature, top_p, stop_ids, stop_seqs, stop_bytes, lora_params, *, kv_limit, buffer,
@@ -534,3 +554,10 @@ def _push_bytes(recent_BxK: jax.Array, table_VxM: jax.Array, token_B: jax.Array)
     combined = jnp.concatenate([recent_BxK, piece[:, :-1]], axis=1)
     index = length[:, None] + jnp.arange(window)[None, :]
     return jnp.take_along_axis(combined, index, axis=1)
+
+
+def _slots_from(cache_LxRxKxSxDh: jax.Array, start_R: jax.Array, steps: int) -> jax.Array:
+    """Slots start..start+steps-1 of every row: [L, R, K, steps, Dh]."""
+    def one_row(row_LxKxSxDh, start):
+        return jax.lax.dynamic_slice_in_dim(row_LxKxSxDh, start, steps, axis=2)
+    return jax.vmap(one_row, in_axes=(1, 0), out_axes=1)(cache_LxRxKxSxDh, start_R)

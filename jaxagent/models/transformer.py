@@ -302,33 +302,37 @@ class Decoder(nn.Module):
         """The cache after one in-place write of every layer's new keys/values."""
         if cache is None:
             return None
-        return KVCache(_write_kv(cache.k_LxBxKxSxDh, new_kv[0], write_start),
-                       _write_kv(cache.v_LxBxKxSxDh, new_kv[1], write_start), new_segments, new_end)
+        return KVCache(write_kv(cache.k_LxBxKxSxDh, new_kv[0], write_start),
+                       write_kv(cache.v_LxBxKxSxDh, new_kv[1], write_start), new_segments, new_end)
 
 
-def _write_kv(cache_LxBxKxSxDh: jax.Array, new_LxBxKxTxDh: jax.Array, start_B: jax.Array) -> jax.Array:
-    """Write every layer's new keys (or values) at slots start..start+T-1 of each row, in one scatter.
+def write_kv(cache_LxBxKxSxDh: jax.Array, new_LxRxKxTxDh: jax.Array, start_R: jax.Array,
+             rows_R: jax.Array | None = None) -> jax.Array:
+    """Write every layer's new keys (or values) of rows `rows_R` (all rows when None) at slots start..start+T-1.
 
     Each (row, new token) pair is one scatter index; layers, kv heads and head_dim form the written window, so the
-    update is in place on a donated cache. Slots past the end are dropped, as in `_write_rows`.
+    update is in place on a donated cache. Slots past the end are dropped, as in `write_rows`.
     """
-    batch, steps = new_LxBxKxTxDh.shape[1], new_LxBxKxTxDh.shape[3]
-    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, steps))
-    slots = start_B[:, None] + jnp.arange(steps)[None, :]
-    indices_BxTx2 = jnp.stack([rows, slots], axis=-1)
+    count, steps = new_LxRxKxTxDh.shape[1], new_LxRxKxTxDh.shape[3]
+    rows_R = jnp.arange(count) if rows_R is None else rows_R
+    rows = jnp.broadcast_to(rows_R[:, None], (count, steps))
+    slots = start_R[:, None] + jnp.arange(steps)[None, :]
+    indices_RxTx2 = jnp.stack([rows, slots], axis=-1)
     numbers = jax.lax.ScatterDimensionNumbers(update_window_dims=(0, 2, 4), inserted_window_dims=(1, 3),
                                               scatter_dims_to_operand_dims=(1, 3))
-    return jax.lax.scatter(cache_LxBxKxSxDh, indices_BxTx2, new_LxBxKxTxDh, numbers, indices_are_sorted=True,
-                           unique_indices=True, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+    return jax.lax.scatter(cache_LxBxKxSxDh, indices_RxTx2, new_LxRxKxTxDh, numbers,
+                           indices_are_sorted=rows_R is None, unique_indices=True,
+                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
-def _write_rows(buffer_BxS: jax.Array, new_BxT: jax.Array, start_B: jax.Array) -> jax.Array:
-    """Write each row's T new entries at slots start..start+T-1 of that row; slots past the end are dropped
-    (the padding of a chunk near a full cache), never wrapped or clamped onto real entries."""
-    batch, steps = new_BxT.shape[:2]
-    rows = jnp.arange(batch)[:, None]
-    slots = start_B[:, None] + jnp.arange(steps)[None, :]
-    return buffer_BxS.at[rows, slots].set(new_BxT, mode="drop")
+def write_rows(buffer_BxS: jax.Array, new_RxT: jax.Array, start_R: jax.Array,
+               rows_R: jax.Array | None = None) -> jax.Array:
+    """Write the T new entries of rows `rows_R` (all rows when None) at slots start..start+T-1 of that row; slots
+    past the end are dropped (the padding of a chunk near a full cache), never wrapped or clamped onto real entries."""
+    count, steps = new_RxT.shape[:2]
+    rows = (jnp.arange(count) if rows_R is None else rows_R)[:, None]
+    slots = start_R[:, None] + jnp.arange(steps)[None, :]
+    return buffer_BxS.at[rows, slots].set(new_RxT, mode="drop")
 
 
 def _attention_mask(segment_ids_BxT: jax.Array, cache: KVCache | None, kv_limit: int | None = None):
@@ -349,7 +353,7 @@ def _attention_mask(segment_ids_BxT: jax.Array, cache: KVCache | None, kv_limit:
     old_mask = ((old_segments[:, None, :] == segment_ids_BxT[:, :, None]) & (old_segments[:, None, :] != 0)
                 & (old_slot < write_start[:, None])[:, None, :])
     mask = jnp.concatenate([old_mask, new_mask], axis=-1)
-    new_segments = _write_rows(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), write_start)
+    new_segments = write_rows(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), write_start)
     # The row's end moves past its last real (non-zero segment) token, so right padding of a chunk is
     # overwritten by the next write while left padding stays behind as empty slots.
     has_token = segment_ids_BxT != 0
