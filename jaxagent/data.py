@@ -34,7 +34,10 @@ class TaskBatches:
             raise DataError("the training split has no tasks")
         dataset = grain.MapDataset.source(list(tasks)).shuffle(seed=seed).repeat().batch(batch_size,
                                                                                            batch_fn=list)
-        self._iterator = iter(dataset.to_iter_dataset())
+        # Read in the caller's thread: a batch is a few task names, and grain's default (16 threads prefetching
+        # 500 batches of an endless dataset) keeps CPU cores busy that rollouts and updates need.
+        synchronous = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        self._iterator = iter(dataset.to_iter_dataset(synchronous))
 
     def __next__(self) -> list[str]:
         return [str(task) for task in next(self._iterator)]
