@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from jaxagent.envs.base import EnvError
-from jaxagent.envs.scienceworld import JvmPool, ScienceWorldEnv, parse_task_id, require_java, split_tasks
+from jaxagent.envs.scienceworld import (
+    SIMPLIFICATION,
+    JvmPool,
+    ScienceWorldEnv,
+    game_reset,
+    game_step,
+    parse_task_id,
+    require_java,
+    split_tasks,
+)
 
 SAMPLE = ["boil", "chemistry-mix", "find-animal", "grow-plant", "measure-melting-point-known-substance",
           "use-thermometer", "identify-life-stages-1", "test-conductivity"]
@@ -33,6 +42,23 @@ def test_gold_trajectories_reach_the_maximum_score(pool):
                 break
         env.close()
         assert result is not None and result.done and result.reward == 1.0, (task_id, result)
+
+
+def test_our_step_equals_the_packages_step_along_a_gold_path(pool):
+    """`game_step` skips the package's info dict; observation, score and end must equal the package's `step`."""
+    ours, theirs = pool.acquire(), pool.acquire()
+    try:
+        for jvm in (ours, theirs):
+            jvm.load("boil", 0, SIMPLIFICATION, generateGoldPath=True)
+        gold = list(theirs.get_gold_action_sequence())
+        assert game_reset(ours) == theirs.reset()[0]
+        for action in gold + ["look around"]:  # and one step after the game ended
+            observation, _, done, info = theirs.step(action)
+            assert game_step(ours, action) == (observation, done, info["score"]), action
+        assert done and info["score"] == 100
+    finally:
+        pool.release(ours)
+        pool.release(theirs)
 
 
 def test_actions_are_parsed_from_the_eto_format(pool):
