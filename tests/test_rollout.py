@@ -117,9 +117,9 @@ def test_64_scienceworld_episodes_make_exact_records(renderer, params):
     from jaxagent.envs.scienceworld import JvmPool, ScienceWorldEnv
     from jaxagent.envs.scienceworld import split_tasks as science_tasks
 
-    pool = JvmPool(4)  # one JVM per live episode
-    config = RolloutConfig(max_turns=2, max_tokens_per_turn=16, max_context=2048, decode_chunk=16, max_concurrent=4,
-                           env_workers=4)
+    pool = JvmPool(2)  # one JVM per live episode (each costs seconds of CPU to warm up: two suffice)
+    config = RolloutConfig(max_turns=2, max_tokens_per_turn=16, max_context=2048, decode_chunk=16, max_concurrent=2,
+                           env_workers=2)
     sampler = Sampler(MODEL, max_len=config.max_context)
     names, tasks = set(), []
     for task in science_tasks("dev"):
