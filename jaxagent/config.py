@@ -100,6 +100,8 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "blockwise"  # blockwise (memory linear in the sequence) | dense (all scores at once)
+    attention_block: int = 512
     vocab_size: int = 1024  # of the tokenizer trained locally for a model from scratch
     tokenizer_demos: int = 200  # expert episodes whose text trains that tokenizer
 

@@ -96,7 +96,8 @@ def policy_model(config: TrainConfig, folder: Path | None, run_dir: Path, make_e
         from jaxagent.models.hf import load_hf_params
 
         model, params = load_hf_params(folder, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                                       remat=config.model.remat)
+                                       remat=config.model.remat, attention=config.model.attention,
+                                       attention_block=config.model.attention_block)
         return model, params, AutoTokenizer.from_pretrained(str(folder)), folder
     tokenizer, tokenizer_dir = local_tokenizer(config, run_dir, make_env)
     model = scratch_model(config.model, len(tokenizer), config.rollout.max_context)

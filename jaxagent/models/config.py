@@ -25,6 +25,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 _MODEL_TYPE_TO_FAMILY = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_KERNELS = ("blockwise", "dense")
 
 DTYPES = {
     "float32": jnp.float32,
@@ -92,6 +93,9 @@ class ModelConfig:
     dtype: Any = jnp.float32  # compute dtype of activations
     param_dtype: Any = jnp.float32  # storage dtype of parameters
     remat: str = "none"  # rematerialisation per layer: none | full | dots (save matmul outputs)
+    # blockwise: flash-style, memory linear in the sequence (the default); dense: all scores at once (the reference)
+    attention: str = "blockwise"
+    attention_block: int = 512  # query and key block of the blockwise kernel
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +105,11 @@ class ModelConfig:
             )
         if self.remat not in ("none", "full", "dots"):
             raise ModelConfigError(f"unknown remat {self.remat!r}; valid: none, full, dots")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ModelConfigError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION_KERNELS)}")
+        if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int) \
+                or self.attention_block < 1:
+            raise ModelConfigError(f"attention_block={self.attention_block!r} must be a positive integer")
         if self.head_dim % 2:
             raise ModelConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 

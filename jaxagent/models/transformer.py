@@ -10,6 +10,8 @@ F mlp width, V vocab, L layers.
 Masking is by segment ids: token t may attend to key s when both carry the same non-zero segment id and s is not
 after t. Left padding is segment 0; packed sequences are segments 1, 2, ...; an HF attention_mask (0/1) is a valid
 segment-id array. With a KV cache, keys are the cache slots and the new tokens are written at each row's `end`.
+Attention never builds a [B, T, S] mask: the kernels (models/attention.py) compare segment ids and slots block by
+block; `ModelConfig.attention` picks the blockwise kernel (memory linear in T, the default) or the dense one.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxagent.models.attention import KeySource, attention
 from jaxagent.models.config import ModelConfig, rope_inverse_frequencies
 from jaxagent.models.lora import LoraConfig
 
-_MASKED = -1e30  # added to masked attention logits (f32); fully masked rows become uniform, never NaN
 _INIT_STD = 0.02  # HF's initializer_range for these families
 # LoRA adapters are trained, so they stay float32 whatever the base's dtype: at LOOP's lr 5e-5 most AdamW updates
 # of a bfloat16 weight would round away. The adapter's matmuls run in the compute dtype.
@@ -160,7 +162,7 @@ class Attention(nn.Module):
                           self.deterministic, name=name)
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BxTxS: jax.Array,
+    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, layout: "AttentionLayout",
                  cache_kv: tuple[jax.Array, jax.Array] | None):
         c = self.config
         q = self._proj("q", (c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), c.qkv_bias)(x_BxTxD)
@@ -173,29 +175,21 @@ class Attention(nn.Module):
 
         batch, steps = q.shape[:2]
         groups = c.num_heads // c.num_kv_heads
-        # Key blocks: the cache's live slots (read in place, never copied) and the new tokens. The caller writes
+        # Key sources: the cache's live slots (read in place, never copied) and the new tokens. The caller writes
         # the new keys/values into the cache once for all layers.
         k_BxKxTxDh, v_BxKxTxDh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q_BxKxGxTxDh = q.reshape(batch, steps, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
-        key_blocks, value_blocks, new_kv = [k_BxKxTxDh], [v_BxKxTxDh], None
+        sources, new_kv = [KeySource(k_BxKxTxDh, v_BxKxTxDh, layout.new_segments, layout.new_order)], None
         if cache_kv is not None:
             k_cache, v_cache = cache_kv
-            live = mask_BxTxS.shape[-1] - steps
-            key_blocks = [k_cache[:, :, :live], k_BxKxTxDh]
-            value_blocks = [v_cache[:, :, :live], v_BxKxTxDh]
+            live = layout.old_segments.shape[1]
+            sources.insert(0, KeySource(k_cache[:, :, :live], v_cache[:, :, :live], layout.old_segments,
+                                        layout.old_order))
             new_kv = (k_BxKxTxDh.astype(k_cache.dtype), v_BxKxTxDh.astype(v_cache.dtype))
-        scores = jnp.concatenate([jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxDh, keys.astype(c.dtype),
-                                             preferred_element_type=jnp.float32) for keys in key_blocks], axis=-1)
-        scores = scores * (c.head_dim ** -0.5)
-        scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-        out, offset = 0, 0
-        for values in value_blocks:
-            block = probs[..., offset:offset + values.shape[2]]
-            # Output in the operands' batch order (b, k): XLA's CPU dot is several times slower when asked to
-            # emit another layout; the result is small, so transpose it afterwards.
-            out = out + jnp.einsum("bkgts,bksd->bkgtd", block, values.astype(c.dtype))
-            offset += values.shape[2]
+        out = attention(q_BxKxGxTxDh, sources, layout.new_segments, layout.new_order, c.head_dim ** -0.5,
+                        c.attention, c.attention_block, c.attention_block)
+        # Attention's output comes in the operands' batch order (b, k): XLA's CPU dot is several times slower when
+        # asked to emit another layout; the result is small, so transpose it afterwards.
         out_BxTxHxDh = out.transpose(0, 3, 1, 2, 4).reshape(batch, steps, c.num_heads, c.head_dim)
         y = self._proj("o", (c.hidden_size,), ("heads", "head_dim"), ("embed",), c.o_bias)(out_BxTxHxDh)
         return y, new_kv
@@ -232,11 +226,11 @@ class DecoderLayer(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, cache_kv: Any, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+    def __call__(self, x_BxTxD: jax.Array, cache_kv: Any, cos: jax.Array, sin: jax.Array, layout: Any):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="input_norm")(x_BxTxD)
         attn_out, new_kv = Attention(c, self.lora, self.use_lora, self.deterministic, name="attn")(
-            h, cos, sin, mask, cache_kv)
+            h, cos, sin, layout, cache_kv)
         x_BxTxD = x_BxTxD + attn_out
         h = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="post_attn_norm")(x_BxTxD)
         x_BxTxD = x_BxTxD + MLP(c, self.lora, self.use_lora, self.deterministic, name="mlp")(h)
@@ -265,7 +259,7 @@ class Decoder(nn.Module):
                            ("vocab", "embed"), c.param_dtype)
         x = jnp.take(embedding, tokens_BxT, axis=0).astype(c.dtype)
         cos, sin = rotary_tables(positions_BxT, c)
-        mask, write_start, new_segments, new_end = _attention_mask(segment_ids_BxT, cache, kv_limit)
+        layout, write_start, new_segments, new_end = _attention_layout(segment_ids_BxT, cache, kv_limit)
 
         layer_cls = DecoderLayer
         if c.remat != "none":
@@ -280,7 +274,7 @@ class Decoder(nn.Module):
         )
         layers = scanned(c, self.lora, use_lora, deterministic, name="layers")
         cache_kv = None if cache is None else (cache.k_LxBxKxSxDh, cache.v_LxBxKxSxDh)
-        x, new_kv = layers(x, cache_kv, cos, sin, mask)
+        x, new_kv = layers(x, cache_kv, cos, sin, layout)
 
         x = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="final_norm")(x)
         if not c.tie_word_embeddings:  # created even when unused, so parameters never depend on the call
@@ -335,31 +329,40 @@ def write_rows(buffer_BxS: jax.Array, new_RxT: jax.Array, start_R: jax.Array,
     return buffer_BxS.at[rows, slots].set(new_RxT, mode="drop")
 
 
-def _attention_mask(segment_ids_BxT: jax.Array, cache: KVCache | None, kv_limit: int | None = None):
-    """Boolean mask [B, T, keys] plus, with a cache, where to write and the cache's new segments and ends.
+class AttentionLayout(NamedTuple):
+    """Who sees whom, without a [B, T, S] mask: segment ids and order (write slot) of the new tokens and of the
+    attended cache slots (None without a cache). Query t sees key s when their segments match, are non-zero, and
+    s's order is not after t's (see models/attention.py)."""
+
+    new_segments: jax.Array  # [B, T]
+    new_order: jax.Array  # [B, T]
+    old_segments: jax.Array | None  # [B, kv_limit]: 0 for slots at or past the row's end (stale)
+    old_order: jax.Array | None
+
+
+def _attention_layout(segment_ids_BxT: jax.Array, cache: KVCache | None, kv_limit: int | None = None):
+    """The attention layout plus, with a cache, where to write and the cache's new segments and ends.
 
     Without a cache the keys are the T new tokens. With a cache they are the first `kv_limit` cache slots (all when
     None) followed by the T new tokens; a cache slot counts only below the row's end (later slots are stale).
     """
     steps = segment_ids_BxT.shape[1]
     new_slot = jnp.arange(steps)[None, :]
-    same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    new_mask = same_segment & (new_slot[:, None, :] <= new_slot[:, :, None]) & (segment_ids_BxT[:, None, :] != 0)
+    segments = segment_ids_BxT.astype(jnp.int32)
     if cache is None:
-        return new_mask, None, None, None
+        return AttentionLayout(segments, jnp.broadcast_to(new_slot, segments.shape), None, None), None, None, None
     write_start = cache.end_B
-    old_segments = cache.segment_ids_BxS[:, :kv_limit]
-    old_slot = jnp.arange(old_segments.shape[1])[None, :]
-    old_mask = ((old_segments[:, None, :] == segment_ids_BxT[:, :, None]) & (old_segments[:, None, :] != 0)
-                & (old_slot < write_start[:, None])[:, None, :])
-    mask = jnp.concatenate([old_mask, new_mask], axis=-1)
-    new_segments = write_rows(cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), write_start)
+    old_slot = jnp.arange(cache.segment_ids_BxS[:, :kv_limit].shape[1])[None, :]
+    old_segments = jnp.where(old_slot < write_start[:, None], cache.segment_ids_BxS[:, :kv_limit], 0)
+    layout = AttentionLayout(segments, write_start[:, None] + new_slot, old_segments,
+                             jnp.broadcast_to(old_slot, old_segments.shape))
+    new_segments = write_rows(cache.segment_ids_BxS, segments, write_start)
     # The row's end moves past its last real (non-zero segment) token, so right padding of a chunk is
     # overwritten by the next write while left padding stays behind as empty slots.
     has_token = segment_ids_BxT != 0
     last_real = jnp.max(jnp.where(has_token, write_start[:, None] + new_slot + 1, 0), axis=1)
     new_end = jnp.where(jnp.any(has_token, axis=1), last_real, write_start).astype(jnp.int32)
-    return mask, write_start, new_segments, new_end
+    return layout, write_start, new_segments, new_end
 
 
 # ---- functional API: plain pytrees in, arrays out ----------------------------------------------------------------

@@ -1,0 +1,238 @@
+"""Attention kernels over key sources, masked by segment ids and order; dense (the reference) and blockwise.
+
+Every kernel computes, per kv head k and query group g,
+
+    out[t] = sum_s softmax_s(scale * q[t] . key[s]) value[s]    over the keys s that t may see,
+
+where query t may see key s when both carry the same non-zero segment id and `order[s] <= order[t]` (the slot a
+token is written to: causality, for new tokens and cache slots alike). A query that may see no key (padding)
+gets zeros. Keys come in *sources* (the cache's live slots, then the new tokens), so the cache is read in place,
+never concatenated with the new keys.
+
+`blockwise_attention` is the flash-attention algorithm in plain JAX: it walks key blocks with an online softmax
+(running max and sum), so it holds `[B, K, G, block_q, block_k]` scores at a time instead of `[.., T, S]`, skips
+blocks in which no query sees any key (the future of a causal sequence, other segments), and its gradient
+recomputes scores block by block from the output and the log-sum-exp (a custom VJP) instead of storing them.
+Memory grows linearly with the sequence (checked with XLA's memory analysis in tests/test_attention.py; with
+`remat: full` or `dots` JAX still differentiates through the forward kernel, so long sequences want `remat: none`
+for now). `dense_attention` materialises all scores; it is the reference the
+blockwise kernel is tested against, and the faster choice for short sequences.
+
+Shapes: B batch, K kv heads, G query heads per kv head, T queries, S keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+KERNELS = ("blockwise", "dense")
+
+
+class KeySource(NamedTuple):
+    """Keys and values [B, K, S, D] with each slot's segment id and order [B, S] (segment 0 = never seen)."""
+
+    keys: jax.Array
+    values: jax.Array
+    segments: jax.Array
+    order: jax.Array
+
+
+def attention(q_BxKxGxTxD: jax.Array, sources: list[KeySource], q_segments_BxT: jax.Array, q_order_BxT: jax.Array,
+              scale: float, kernel: str = "blockwise", block_q: int = 512, block_k: int = 512) -> jax.Array:
+    """Attention of the queries over every source's keys; [B, K, G, T, D] in the queries' dtype."""
+    if kernel == "dense":
+        return dense_attention(q_BxKxGxTxD, sources, q_segments_BxT, q_order_BxT, scale)
+    if kernel == "blockwise":
+        return blockwise_attention(q_BxKxGxTxD, sources, q_segments_BxT, q_order_BxT, scale, block_q, block_k)
+    raise ValueError(f"unknown attention kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+
+
+def _visible(q_segments_BxT, q_order_BxT, k_segments_BxS, k_order_BxS) -> jax.Array:
+    """[B, T, S]: whether query t may see key s."""
+    same = k_segments_BxS[:, None, :] == q_segments_BxT[:, :, None]
+    return same & (k_segments_BxS[:, None, :] != 0) & (k_order_BxS[:, None, :] <= q_order_BxT[:, :, None])
+
+
+def _scores(q, keys, scale):
+    return jnp.einsum("bkgtd,bksd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+
+
+def dense_attention(q_BxKxGxTxD, sources, q_segments_BxT, q_order_BxT, scale) -> jax.Array:
+    """All scores at once, per source (no key concatenation); the reference for the blockwise kernel."""
+    scores = [jnp.where(_visible(q_segments_BxT, q_order_BxT, src.segments, src.order)[:, None, None],
+                        _scores(q_BxKxGxTxD, src.keys, scale), -jnp.inf) for src in sources]
+    peak = _finite(jnp.max(jnp.stack([jnp.max(s, axis=-1) for s in scores]), axis=0))
+    weights = [jnp.exp(s - peak[..., None]) for s in scores]
+    total = sum(jnp.sum(w, axis=-1) for w in weights)
+    out = sum(jnp.einsum("bkgts,bksd->bkgtd", w.astype(q_BxKxGxTxD.dtype), src.values.astype(q_BxKxGxTxD.dtype),
+                         preferred_element_type=jnp.float32) for w, src in zip(weights, sources))
+    return (out / _nonzero(total)[..., None]).astype(q_BxKxGxTxD.dtype)
+
+
+def _finite(peak):
+    """A row that sees nothing has max -inf; 0 keeps exp(-inf - peak) at 0 instead of NaN."""
+    return jnp.where(jnp.isneginf(peak), 0.0, peak)
+
+
+def _nonzero(total):
+    return jnp.where(total == 0, 1.0, total)
+
+
+# ---- blockwise (flash) attention ----------------------------------------------------------------------------------
+
+
+def blockwise_attention(q_BxKxGxTxD, sources, q_segments_BxT, q_order_BxT, scale, block_q=512, block_k=512):
+    """Online-softmax attention over key blocks, with a recomputing gradient (see the module docstring)."""
+    steps = q_BxKxGxTxD.shape[3]
+    bq = min(block_q, steps)
+    q, q_seg, q_ord = _pad_queries(q_BxKxGxTxD, q_segments_BxT, q_order_BxT, bq)
+    # Keys are read block by block where they lie (a cache is never copied); a source is padded (with segment 0)
+    # only when its length is not a whole number of blocks.
+    blocks = tuple(min(block_k, src.keys.shape[2]) for src in sources)
+    padded = tuple(_pad_keys(src, bk) for src, bk in zip(sources, blocks))
+    out = _flash(q, padded, q_seg, q_ord, scale, bq, blocks)
+    return out[:, :, :, :steps]
+
+
+def _pad_queries(q, segments, order, bq):
+    pad = -q.shape[3] % bq
+    if not pad:
+        return q, segments, order
+    return (jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0))), jnp.pad(segments, ((0, 0), (0, pad))),
+            jnp.pad(order, ((0, 0), (0, pad))))
+
+
+def _pad_keys(src: KeySource, bk: int) -> KeySource:
+    pad = -src.keys.shape[2] % bk
+    if not pad:
+        return src
+    keys, values = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (src.keys, src.values))
+    return KeySource(keys, values, jnp.pad(src.segments, ((0, 0), (0, pad))), jnp.pad(src.order, ((0, 0), (0, pad))))
+
+
+def _key_block(src: KeySource, j, bk: int) -> KeySource:
+    """Block j of a source: keys/values [B, K, bk, D], segments/order [B, bk]."""
+    return KeySource(jax.lax.dynamic_slice_in_dim(src.keys, j * bk, bk, axis=2),
+                     jax.lax.dynamic_slice_in_dim(src.values, j * bk, bk, axis=2),
+                     jax.lax.dynamic_slice_in_dim(src.segments, j * bk, bk, axis=1),
+                     jax.lax.dynamic_slice_in_dim(src.order, j * bk, bk, axis=1))
+
+
+def _query_blocks(x, bq, axis):
+    """Split the query axis into [n, ..., bq, ...] with the block index first."""
+    shape = x.shape
+    n = shape[axis] // bq
+    x = x.reshape(*shape[:axis], n, bq, *shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _merge_query_blocks(x, axis):
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, sources, q_seg, q_ord, scale, bq, blocks):
+    return _flash_forward(q, sources, q_seg, q_ord, scale, bq, blocks)[0]
+
+
+def _flash_forward(q, sources, q_seg, q_ord, scale, bq, blocks):
+    """Output [B, K, G, T, D] and log-sum-exp [B, K, G, T] (-inf where a query sees nothing)."""
+    q_blocks = (_query_blocks(q, bq, 3), _query_blocks(q_seg, bq, 1), _query_blocks(q_ord, bq, 1))
+
+    def one_query_block(block):
+        q_i, seg_i, ord_i = block
+        lead = q_i.shape[:-1]
+        carry = (jnp.full(lead, -jnp.inf, jnp.float32), jnp.zeros(lead, jnp.float32),
+                 jnp.zeros(q_i.shape, jnp.float32))
+        for src, bk in zip(sources, blocks):
+            def key_block(carry, j, src=src, bk=bk):
+                kb = _key_block(src, j, bk)
+                visible = _visible(seg_i, ord_i, kb.segments, kb.order)
+
+                def update(carry):
+                    peak, total, acc = carry
+                    s = jnp.where(visible[:, None, None], _scores(q_i, kb.keys, scale), -jnp.inf)
+                    new_peak = jnp.maximum(peak, jnp.max(s, axis=-1))
+                    safe = _finite(new_peak)
+                    p = jnp.exp(s - safe[..., None])
+                    fade = jnp.exp(peak - safe)
+                    pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(q_i.dtype), kb.values.astype(q_i.dtype),
+                                    preferred_element_type=jnp.float32)
+                    return new_peak, total * fade + jnp.sum(p, axis=-1), acc * fade[..., None] + pv
+
+                return jax.lax.cond(jnp.any(visible), update, lambda c: c, carry), None
+
+            carry, _ = jax.lax.scan(key_block, carry, jnp.arange(src.keys.shape[2] // bk))
+        peak, total, acc = carry
+        out = (acc / _nonzero(total)[..., None]).astype(q.dtype)
+        lse = jnp.where(total > 0, _finite(peak) + jnp.log(_nonzero(total)), -jnp.inf)
+        return out, lse
+
+    out, lse = jax.lax.map(one_query_block, q_blocks)
+    return _merge_query_blocks(out, 3), _merge_query_blocks(lse, 3)
+
+
+def _flash_fwd(q, sources, q_seg, q_ord, scale, bq, blocks):
+    out, lse = _flash_forward(q, sources, q_seg, q_ord, scale, bq, blocks)
+    return out, (q, sources, q_seg, q_ord, out, lse)
+
+
+def _flash_bwd(scale, bq, blocks, residuals, d_out):
+    """FlashAttention-2's backward: per key block, walk the query blocks, recomputing probabilities from the lse."""
+    q, sources, q_seg, q_ord, out, lse = residuals
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, K, G, T]
+    q_blocks = tuple(_query_blocks(x, bq, axis) for x, axis in
+                     ((q, 3), (q_seg, 1), (q_ord, 1), (d_out, 3), (lse, 3), (delta, 3)))
+    d_q = jnp.zeros(q_blocks[0].shape, jnp.float32)
+    d_sources = []
+    for src, bk in zip(sources, blocks):
+        def key_block(d_q, j, src=src, bk=bk):
+            kb = _key_block(src, j, bk)
+
+            def query_block(d_kv, qb):
+                q_i, seg_i, ord_i, do_i, lse_i, delta_i = qb
+                visible = _visible(seg_i, ord_i, kb.segments, kb.order)
+
+                def grads(d_kv):
+                    d_k, d_v = d_kv
+                    s = _scores(q_i, kb.keys, scale)
+                    p = jnp.where(visible[:, None, None], jnp.exp(s - lse_i[..., None]), 0.0)
+                    d_v = d_v + jnp.einsum("bkgts,bkgtd->bksd", p.astype(do_i.dtype), do_i,
+                                           preferred_element_type=jnp.float32)
+                    dp = jnp.einsum("bkgtd,bksd->bkgts", do_i, kb.values.astype(do_i.dtype),
+                                    preferred_element_type=jnp.float32)
+                    ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
+                    d_qi = jnp.einsum("bkgts,bksd->bkgtd", ds, kb.keys.astype(q_i.dtype),
+                                      preferred_element_type=jnp.float32)
+                    d_k = d_k + jnp.einsum("bkgts,bkgtd->bksd", ds, q_i, preferred_element_type=jnp.float32)
+                    return (d_k, d_v), d_qi
+
+                def skip(d_kv):
+                    return d_kv, jnp.zeros(q_i.shape, jnp.float32)
+
+                return jax.lax.cond(jnp.any(visible), grads, skip, d_kv)
+
+            zeros = jnp.zeros(kb.keys.shape, jnp.float32)
+            (d_k, d_v), d_q_parts = jax.lax.scan(query_block, (zeros, zeros), q_blocks)
+            return d_q + d_q_parts, (d_k, d_v)
+
+        d_q, (d_k, d_v) = jax.lax.scan(key_block, d_q, jnp.arange(src.keys.shape[2] // bk))
+        d_sources.append(KeySource(_merge_key_blocks(d_k).astype(src.keys.dtype),
+                                   _merge_key_blocks(d_v).astype(src.values.dtype), None, None))
+    return _merge_query_blocks(d_q, 3).astype(q.dtype), tuple(d_sources), None, None
+
+
+def _merge_key_blocks(x_NxBxKxBKxD):
+    """[n, B, K, bk, D] -> [B, K, n * bk, D]."""
+    n, batch, heads, bk, dim = x_NxBxKxBKxD.shape
+    return x_NxBxKxBKxD.transpose(1, 2, 0, 3, 4).reshape(batch, heads, n * bk, dim)
+
+
+# optimize_remat: under scan (the layers) and remat, JAX would otherwise differentiate through the forward
+# kernel itself, storing every block of scores as a residual (memory quadratic in T again).
+_flash.defvjp(_flash_fwd, _flash_bwd, optimize_remat=True)
