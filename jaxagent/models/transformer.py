@@ -352,8 +352,9 @@ def _attention_layout(segment_ids_BxT: jax.Array, cache: KVCache | None, kv_limi
     if cache is None:
         return AttentionLayout(segments, jnp.broadcast_to(new_slot, segments.shape), None, None), None, None, None
     write_start = cache.end_B
-    old_slot = jnp.arange(cache.segment_ids_BxS[:, :kv_limit].shape[1])[None, :]
-    old_segments = jnp.where(old_slot < write_start[:, None], cache.segment_ids_BxS[:, :kv_limit], 0)
+    attended = cache.segment_ids_BxS[:, :kv_limit]
+    old_slot = jnp.arange(attended.shape[1])[None, :]
+    old_segments = jnp.where(old_slot < write_start[:, None], attended, 0)
     layout = AttentionLayout(segments, write_start[:, None] + new_slot, old_segments,
                              jnp.broadcast_to(old_slot, old_segments.shape))
     new_segments = write_rows(cache.segment_ids_BxS, segments, write_start)
