@@ -108,15 +108,40 @@ def sampler_gpu_section(runs: list[dict]) -> list[str]:
     return lines
 
 
+def attention_section(runs: list[dict]) -> list[str]:
+    lines = ["## Attention forward + backward at long sequences", "",
+             "`python -m benchmarks.attention` — one layer of Qwen2.5-7B's attention (28 query heads over 4 key/value "
+             "heads, head dim 128), bf16, batch 1, causal, the last 5 % padding; d/d(q, k, v) of one output probe. "
+             "`blockwise`: the portable pure-JAX flash kernel; `jaxagent`: what the model runs (on a GPU, cuDNN's "
+             "fused kernel when every row is one sequence, checked on the data, else `blockwise`); `cudnn`/`xla`: "
+             "`jax.nn.dot_product_attention`; `dense`: all scores materialised. Milliseconds: median (min–max); "
+             "memory: XLA's compiled temporary bytes; ratio: jaxagent's time / the fastest platform kernel's.", "",
+             "| run | device | T | jaxagent ms | blockwise ms | cudnn ms | xla ms | dense ms | temp MB (jaxagent / "
+             "blockwise / dense) | ratio | error vs f32 (jaxagent) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for run in runs:
+        for r in run["results"]:
+            ms = {name: {k: round(v * 1e3, 2) for k, v in t.items()} for name, t in r["seconds"].items()}
+            cell = lambda name: _spread(ms[name]) if name in ms else "out of memory" \
+                if "memory" in r["skipped"].get(name, "").lower() else "—"  # noqa: E731
+            mem = r["temp_memory_mb"]
+            error = r["error_vs_dense_f32"].get("jaxagent")
+            lines.append(f"| {run.get('date', '?')}, {run.get('versions', {}).get('jax', '?')} | {run['device']} | "
+                         f"{r['length']} | {cell('jaxagent')} | {cell('blockwise')} | {cell('cudnn')} | "
+                         f"{cell('xla')} | {cell('dense')} | {mem.get('jaxagent')} / {mem.get('blockwise')} / "
+                         f"{mem.get('dense')} | **{r['jaxagent_time_ratio_vs_fastest_other']}×** | "
+                         f"{'—' if error is None else f'{error:.1e}'} |")
+    return lines
+
+
 SECTIONS = {"update": update_section, "sampler": sampler_section, "sampler_gpu": sampler_gpu_section,
-            "rollout": rollout_section}
+            "rollout": rollout_section, "attention": attention_section}
 
 
 GPU_NOTE = """## GPU
 
-No GPU figures yet: no run so far had a GPU machine. `python -m benchmarks.sampler --gpu` measures a 1.5B-parameter
-Qwen2-shaped model in bf16 against the HBM roofline (bandwidth / (weight bytes + batch × context × KV bytes per
-token)) when run on one; its line goes to `results/sampler_gpu.jsonl`.
+No GPU figures yet: `python -m benchmarks.sampler --gpu` (a 1.5B-parameter Qwen2-shaped model in bf16 against the
+HBM roofline) and `python -m benchmarks.attention` write their lines to `results/` when run on one.
 """
 
 
@@ -128,7 +153,7 @@ def render(results: Path = RESULTS) -> str:
         if file.is_file():
             runs = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
             parts.append("\n".join(section(runs)) + "\n")
-    if not (results / "sampler_gpu.jsonl").is_file():
+    if not (results / "sampler_gpu.jsonl").is_file() and not (results / "attention.jsonl").is_file():
         parts.append(GPU_NOTE)
     return "\n".join(parts)
 

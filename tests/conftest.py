@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -22,8 +23,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # and `JAXAGENT_TEST_XLA_DEFAULTS=1` runs the suite with them too.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 RUNTIME_FLAGS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
-if not os.environ.get("JAXAGENT_TEST_XLA_DEFAULTS"):
+# Only for XLA:CPU: a GPU build of jaxlib dies on them. On a GPU, float32 matmuls default to TF32 (about 1e-3
+# relative), so the suite's float32 comparisons ask for full precision.
+ACCELERATOR = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
+if not os.environ.get("JAXAGENT_TEST_XLA_DEFAULTS") and not ACCELERATOR:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 VOCAB = 512
 

@@ -118,3 +118,42 @@ def test_blockwise_training_step_memory_is_linear_in_the_sequence():
     assert blockwise[16384] < 4 * blockwise[4096], blockwise
     # Past the fixed part, memory doubles with the tokens.
     assert 1.6 < blockwise[32768] / blockwise[16384] < 2.4, blockwise
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
+@pytest.mark.parametrize("layout", ["one_sequence_per_row", "packed"])
+def test_blockwise_on_gpu_takes_cudnn_when_rows_are_single_sequences_and_equals_dense(layout):
+    """On a GPU, bf16 self-attention over rows that each hold one sequence from slot 0 (with an all-padding row)
+    runs cuDNN's kernel; packed rows run the portable one. Either way: output and gradients equal the f32 dense
+    reference to bf16 accuracy."""
+    from jaxagent.models.attention import attention
+
+    steps, rng = 256, np.random.default_rng(2)
+    rows = 3
+    segments = np.ones((rows, steps), np.int32)
+    segments[0, 200:] = 0  # right padding
+    segments[2] = 0  # a padding row of a minibatch
+    if layout == "packed":
+        segments[1, 100:] = 2
+    order = np.broadcast_to(np.arange(steps), (rows, steps)).astype(np.int32)
+    shape = (rows, 2, 4, steps, 64)
+    q = rng.normal(size=shape).astype(np.float32)
+    keys, values = (rng.normal(size=(rows, 2, steps, 64)).astype(np.float32) for _ in range(2))
+    probe = rng.normal(size=shape).astype(np.float32)
+
+    def loss(kernel, dtype, q, keys, values):
+        source = KeySource(keys.astype(dtype), values.astype(dtype), jnp.asarray(segments), jnp.asarray(order))
+        out = attention(q.astype(dtype), [source], jnp.asarray(segments), jnp.asarray(order), 0.125, kernel)
+        return jnp.sum(out.astype(jnp.float32) * probe), out
+
+    fast = jax.jit(jax.value_and_grad(lambda *a: loss("blockwise", jnp.bfloat16, *a), argnums=(0, 1, 2),
+                                      has_aux=True))
+    assert ("cudnn" in fast.lower(q, keys, values).as_text().lower())  # the fused kernel is in the program
+    (_, out), grads = fast(q, keys, values)
+    (_, ref_out), ref_grads = jax.value_and_grad(lambda *a: loss("dense", jnp.float32, *a), argnums=(0, 1, 2),
+                                                 has_aux=True)(q, keys, values)
+    rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float32) - b) / np.linalg.norm(b))  # noqa: E731
+    assert rel(out, np.asarray(ref_out)) < 1e-2
+    assert not np.asarray(out[2], np.float32).any()  # the padding row sees nothing
+    for grad, ref in zip(grads, ref_grads):
+        assert rel(grad, np.asarray(ref)) < 2e-2 and np.isfinite(np.asarray(grad, np.float32)).all()

@@ -18,6 +18,12 @@ Memory grows linearly with the sequence (checked with XLA's memory analysis in t
 for now). `dense_attention` materialises all scores; it is the reference the
 blockwise kernel is tested against, and the faster choice for short sequences.
 
+On a GPU, `attention(kernel="blockwise")` runs cuDNN's fused flash attention (`jax.nn.dot_product_attention`) for
+half-precision self-attention when every row holds one sequence from slot 0 followed by padding (the layout of
+training batches and log-prob passes); rows with packed segments, float32, and reads of a KV cache use the portable
+kernel. On an H100 the fused kernel is 6-13x faster than the portable one at 4K-32K tokens
+(benchmarks/RESULTS.md).
+
 Shapes: B batch, K kv heads, G query heads per kv head, T queries, S keys, D head dim.
 """
 
@@ -43,12 +49,58 @@ class KeySource(NamedTuple):
 
 def attention(q_BxKxGxTxD: jax.Array, sources: list[KeySource], q_segments_BxT: jax.Array, q_order_BxT: jax.Array,
               scale: float, kernel: str = "blockwise", block_q: int = 512, block_k: int = 512) -> jax.Array:
-    """Attention of the queries over every source's keys; [B, K, G, T, D] in the queries' dtype."""
+    """Attention of the queries over every source's keys; [B, K, G, T, D] in the queries' dtype.
+
+    `blockwise` on a GPU, for half-precision queries attending to themselves only (training, log-probs), runs
+    cuDNN's fused flash attention when every row holds one sequence from slot 0 (the layout of training batches;
+    checked on the data, with the portable kernel as the other branch)."""
     if kernel == "dense":
         return dense_attention(q_BxKxGxTxD, sources, q_segments_BxT, q_order_BxT, scale)
     if kernel == "blockwise":
+        if _cudnn_applies(q_BxKxGxTxD, sources):
+            return cudnn_or_blockwise(q_BxKxGxTxD, sources[0], q_segments_BxT, q_order_BxT, scale, block_q, block_k)
         return blockwise_attention(q_BxKxGxTxD, sources, q_segments_BxT, q_order_BxT, scale, block_q, block_k)
     raise ValueError(f"unknown attention kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+
+
+# ---- cuDNN (GPU) ----------------------------------------------------------------------------------------------------
+
+
+def _cudnn_applies(q, sources) -> bool:
+    """cuDNN's kernel takes bf16/f16 and head dims up to 128 (multiples of 8); here only self-attention."""
+    return (jax.default_backend() == "gpu" and len(sources) == 1 and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+
+
+def cudnn_or_blockwise(q_BxKxGxTxD, source: KeySource, q_segments_BxT, q_order_BxT, scale, block_q=512,
+                       block_k=512) -> jax.Array:
+    """cuDNN's causal flash attention with sequence lengths when every row is one sequence from slot 0 followed by
+    padding (what causal + lengths means); otherwise the portable blockwise kernel. Both are compiled; the data
+    picks one at run time, so the result is exact either way."""
+    lengths_B = jnp.sum(q_segments_BxT != 0, axis=1).astype(jnp.int32)
+    # A padding row (length 0) attends to its first slot inside cuDNN, so no softmax runs over nothing (NaN); its
+    # output is zeroed below and its gradient is zero.
+    fused_lengths_B = jnp.maximum(lengths_B, 1)
+    slots = jnp.arange(q_segments_BxT.shape[1])[None, :]
+    prefix = slots < lengths_B[:, None]
+    simple = (jnp.all((q_segments_BxT != 0) == prefix) & jnp.all(jnp.where(prefix, q_segments_BxT, 0) ==
+              jnp.where(prefix, q_segments_BxT[:, :1], 0)) & jnp.all(q_order_BxT == slots)
+              & jnp.all(source.order == q_order_BxT) & jnp.all(source.segments == q_segments_BxT))
+
+    def fused(q, keys, values):
+        b, k, g, t, d = q.shape
+        out = jax.nn.dot_product_attention(
+            q.reshape(b, k * g, t, d).transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3).astype(q.dtype),
+            values.transpose(0, 2, 1, 3).astype(q.dtype), scale=scale, is_causal=True,
+            query_seq_lengths=fused_lengths_B, key_value_seq_lengths=fused_lengths_B, implementation="cudnn")
+        out = out.transpose(0, 2, 1, 3).reshape(b, k, g, t, d)
+        return jnp.where(prefix[:, None, None, :, None], out, 0).astype(q.dtype)  # padding queries see nothing
+
+    def portable(q, keys, values):
+        return blockwise_attention(q, [KeySource(keys, values, source.segments, source.order)], q_segments_BxT,
+                                   q_order_BxT, scale, block_q, block_k)
+
+    return jax.lax.cond(simple, fused, portable, q_BxKxGxTxD, source.keys, source.values)
 
 
 def _visible(q_segments_BxT, q_order_BxT, k_segments_BxS, k_order_BxS) -> jax.Array:
