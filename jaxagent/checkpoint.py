@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxagent import distributed
 from jaxagent.atomic import staged_folder
 from jaxagent.models.config import ModelConfig, dtype_name
 from jaxagent.models.hf import CheckpointError, copy_tokenizer_files
@@ -52,25 +53,32 @@ def is_policy_folder(folder: Path) -> bool:
 def save_policy(folder: str | Path, policy: Policy) -> Path:
     """Write `policy` to `folder` (which must not exist, or be empty); complete or absent (see `jaxagent.atomic`)."""
     folder = Path(folder).absolute()
-    with staged_folder(folder) as staging:
-        model_dir = staging / "model"
-        model_dir.mkdir()
-        (model_dir / "config.json").write_text(json.dumps(policy.config.to_hf_dict(), indent=2) + "\n")
-        if policy.tokenizer_dir is not None:
-            copy_tokenizer_files(Path(policy.tokenizer_dir), model_dir)
+    # Every process of a multi-process run writes the shards it holds into one staging folder.
+    staged = staged_folder if jax.process_count() == 1 else distributed.shared_staging
+    with staged(folder) as staging:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / "params", policy.params)
         if policy.lora is not None:
             checkpointer.save(staging / "lora", policy.lora_params)
         checkpointer.wait_until_finished()
-        meta = {"format": FORMAT_VERSION, "param_dtype": dtype_name(policy.config.param_dtype),
-                "lora": dataclasses.asdict(policy.lora) if policy.lora is not None else None}
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if distributed.is_first():
+            model_dir = staging / "model"
+            model_dir.mkdir()
+            (model_dir / "config.json").write_text(json.dumps(policy.config.to_hf_dict(), indent=2) + "\n")
+            if policy.tokenizer_dir is not None:
+                copy_tokenizer_files(Path(policy.tokenizer_dir), model_dir)
+            meta = {"format": FORMAT_VERSION, "param_dtype": dtype_name(policy.config.param_dtype),
+                    "lora": dataclasses.asdict(policy.lora) if policy.lora is not None else None}
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 
-def load_policy(folder: str | Path, shardings: Any = None, **config_overrides: Any) -> Policy:
-    """Read a policy folder written by `save_policy`; `config_overrides` such as `dtype="bf16"` adjust compute."""
+def load_policy(folder: str | Path, shardings: Any = None, lora_shardings: Any = None,
+                **config_overrides: Any) -> Policy:
+    """Read a policy folder written by `save_policy`; `config_overrides` such as `dtype="bf16"` adjust compute.
+
+    `shardings` / `lora_shardings` (trees like the parameters / adapters) restore each array straight into its
+    shards; without them every array lands on this process's first device, whatever mesh saved it."""
     folder = Path(folder).absolute()
     meta_file = folder / META_FILE
     if not meta_file.is_file():
@@ -81,9 +89,13 @@ def load_policy(folder: str | Path, shardings: Any = None, **config_overrides: A
     config = ModelConfig.from_hf_dir(folder / "model", param_dtype=meta["param_dtype"], **config_overrides)
     lora = LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])}) if meta.get("lora") else None
     abstract, abstract_lora = abstract_params(config, lora)
-    if shardings is not None:
-        abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                                abstract, shardings)
+    # Explicit placements throughout: a policy saved on a mesh then loads on one device (and the other way round).
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    placed = lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)  # noqa: E731
+    abstract = jax.tree.map(placed, abstract, shardings or jax.tree.map(lambda _: default, abstract))
+    if lora is not None:
+        abstract_lora = jax.tree.map(placed, abstract_lora,
+                                     lora_shardings or jax.tree.map(lambda _: default, abstract_lora))
     checkpointer = ocp.StandardCheckpointer()
     params = checkpointer.restore(folder / "params", abstract)
     lora_params = checkpointer.restore(folder / "lora", abstract_lora) if lora is not None else None

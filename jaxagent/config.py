@@ -100,7 +100,7 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"
-    attention: str = "blockwise"  # blockwise (memory linear in the sequence) | dense (all scores at once)
+    attention: str = "blockwise"  # blockwise (memory linear in T; cuDNN on a GPU where it applies) | dense
     attention_block: int = 512
     vocab_size: int = 1024  # of the tokenizer trained locally for a model from scratch
     tokenizer_demos: int = 200  # expert episodes whose text trains that tokenizer
@@ -191,6 +191,24 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """How the devices of the run form a mesh: `data` (data parallel), `fsdp` (data parallel with parameters and
+    optimizer state split) and `tensor` (heads and MLP width split). One axis may be -1: all devices the others
+    leave. With one device there is no mesh at all; on several, every stage runs sharded over this mesh."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        bad = [f"mesh.{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
+        if bad or list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"{', '.join(bad) or 'mesh'}: axis sizes must be positive, with at most one -1 "
+                             f"(got data={self.data}, fsdp={self.fsdp}, tensor={self.tensor})")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A whole run."""
 
@@ -207,6 +225,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    mesh: MeshSection = MeshSection()
     progress: bool = True  # progress bars on the terminal
 
     @property

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxagent.algorithms.common import PolicyParams, evaluate
-from jaxagent.checkpoint import is_policy_folder, load_policy
+from jaxagent.checkpoint import is_policy_folder
 from jaxagent.config import ConfigError, load_config
 from jaxagent.errors import run_main
 from jaxagent.metrics import final_table
@@ -42,9 +42,9 @@ def evaluate_run(run_dir: Path, split: str | None = None, stages: Sequence[str] 
     try:
         for name in stages or finished:
             stage_dir = run_dir / "stages" / name
-            saved = load_policy(stage_dir / "policy")
+            policy = PolicyParams(*setup.placement.load_policy(stage_dir / "policy"))
             seed = json.loads((stage_dir / "result.json").read_text())["eval_seed"]
-            results[name], _ = evaluate(setup, PolicyParams(saved.params, saved.lora_params), seed, split)
+            results[name], _ = evaluate(setup, policy, seed, split)
     finally:
         setup.close()
     return results

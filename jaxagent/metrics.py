@@ -84,19 +84,24 @@ def _gave_up(t: Trajectory) -> bool:
 class MetricsLog:
     """Appends records to metrics.jsonl and scalars to TensorBoard event files in the run folder."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, writes: bool = True) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.tensorboard_dir = run_dir / "tensorboard"
+        self.writes = writes  # False in every process of a multi-process run but the first
         self._writer = None
 
     def truncate_after(self, stage_index: int, iteration: int) -> None:
         """Drop records past (stage_index, iteration): a resumed run writes them again."""
+        if not self.writes:
+            return
         kept = [r for r in self.records() if (r["stage_index"], r["iteration"]) <= (stage_index, iteration)]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)
 
     def write(self, record: dict, global_step: int) -> None:
+        if not self.writes:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         writer = self._tensorboard()

@@ -126,7 +126,8 @@ class _Engine:
     """One collection round (see `collect`)."""
 
     def __init__(self, sampler, params, lora_params, renderer, make_env, config: RolloutConfig, rng) -> None:
-        self.sampler, self.params, self.lora_params = sampler, params, lora_params
+        self.sampler = sampler
+        self.params, self.lora_params = sampler.place_params(params, lora_params)
         self.renderer, self.make_env, self.config, self.rng = renderer, make_env, config, rng
         self.sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                        max_new_tokens=config.decode_chunk,

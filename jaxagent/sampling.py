@@ -27,11 +27,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxagent.buckets import POWERS_OF_TWO, round_up
+from jaxagent.distributed import to_local
 from jaxagent.errors import UserError
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
 from jaxagent.models.transformer import KVCache, forward, init_cache, write_kv, write_rows
-from jaxagent.sharding import CACHE_AXES, SAMPLE_RULES, Rules, sharding_for
+from jaxagent.sharding import CACHE_AXES, SAMPLE_RULES, Rules, param_shardings, sharding_for
 
 STOP_REASONS = ("running", "stop_token", "stop_sequence", "stop_string", "max_new_tokens", "cache_full")
 _RUNNING, _STOP_TOKEN, _STOP_SEQUENCE, _STOP_STRING, _MAX_NEW, _CACHE_FULL = range(6)
@@ -259,6 +260,16 @@ class Sampler:
         return sum(fn._cache_size() for fn in (self._extend, self._decode, self._take))
 
     # ---- host API -----------------------------------------------------------------------------------------------
+
+    def place_params(self, params: dict, lora_params: dict | None = None) -> tuple[dict, dict | None]:
+        """Parameters (and adapters) where decoding wants them: on a mesh, split by the sampling rules (whole across
+        `fsdp`, so no decode step all-gathers weights); without one, unchanged. Call once per collection round."""
+        if self.mesh is None:
+            return params, lora_params
+        shardings, lora_shardings = param_shardings(self.config, self.mesh, self.rules, self.lora)
+        # On a multi-process run the sampler's mesh holds this process's devices only (each process decodes its
+        # own episodes); the training arrays are global, so each process takes its own full copy.
+        return (to_local(params, shardings), None if lora_params is None else to_local(lora_params, lora_shardings))
 
     def start(self, params: dict, prompts: Sequence[Sequence[int]], lora_params: dict | None = None) -> Batch:
         """A new batch whose rows hold `prompts` (prefilled), ready to generate."""

@@ -13,9 +13,7 @@ sizes run on any mesh; the result is the same, only the placement differs.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -26,8 +24,6 @@ from jaxagent.errors import UserError
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
 from jaxagent.models.transformer import abstract_params, param_axes
-
-log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Mapping[str, str | tuple[str, ...] | None]
@@ -149,29 +145,3 @@ def init_params_sharded(config: ModelConfig, rng: jax.Array, mesh: Mesh, rules: 
 
     shardings = param_shardings(config, mesh, rules, lora)
     return jax.jit(lambda key: init_params(config, key, lora), out_shardings=shardings)(rng)
-
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-    """Join a multi-host job (`jax.distributed.initialize`) when one is configured; returns whether it did.
-
-    Arguments override the environment variables JAXAGENT_COORDINATOR_ADDRESS (host:port), JAXAGENT_NUM_PROCESSES
-    and JAXAGENT_PROCESS_ID. With JAXAGENT_DISTRIBUTED=auto, JAX detects the cluster itself (TPU pods, SLURM).
-    Call it before any other JAX call.
-    """
-    coordinator_address = coordinator_address or os.environ.get("JAXAGENT_COORDINATOR_ADDRESS")
-    if num_processes is None and "JAXAGENT_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["JAXAGENT_NUM_PROCESSES"])
-    if process_id is None and "JAXAGENT_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["JAXAGENT_PROCESS_ID"])
-    if coordinator_address:
-        if num_processes is None or process_id is None:
-            raise MeshError("a coordinator address needs JAXAGENT_NUM_PROCESSES and JAXAGENT_PROCESS_ID as well")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif os.environ.get("JAXAGENT_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
-    else:
-        return False
-    log.info("process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
-    return True

@@ -25,10 +25,11 @@ from typing import Sequence
 
 import jax
 
+from jaxagent import distributed
 from jaxagent.algorithms import get_stage_runner
 from jaxagent.algorithms.common import PolicyParams, Setup
 from jaxagent.atomic import staged_file
-from jaxagent.checkpoint import Policy, is_policy_folder, load_policy, save_policy
+from jaxagent.checkpoint import Policy, is_policy_folder, save_policy
 from jaxagent.config import (
     DEFAULT_CONFIG,
     ConfigError,
@@ -45,9 +46,9 @@ from jaxagent.errors import run_main
 from jaxagent.metrics import MetricsLog, final_table, plot_rewards
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
-from jaxagent.models.transformer import init_params
+from jaxagent.placement import Placement
 from jaxagent.sampling import Sampler
-from jaxagent.sharding import initialize_distributed
+from jaxagent.sharding import MeshConfig, leaf_sharding_fn
 from jaxagent.tokens import ChatRenderer
 
 log = logging.getLogger("jaxagent.train")
@@ -74,35 +75,47 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
 
     lora = LoraConfig(**shared_fields(config.lora, LoraConfig)) if config.lora.enabled else None
     key = jax.random.key(config.seed)
-    model, params, tokenizer, tokenizer_dir = policy_model(config, folder, run_dir, make_env, key)
-    lora_params = None
-    if lora is not None:
-        # Only the adapters are materialised: XLA drops the unused random base weights.
-        lora_params = jax.jit(lambda k: init_params(model, k, lora)[1])(jax.random.fold_in(key, 1))
+    tokenizer, tokenizer_dir = policy_tokenizer(config, folder, run_dir, make_env)
+    model = policy_model(config, folder, len(tokenizer))
+    placement = Placement.for_devices(model, lora, MeshConfig(**shared_fields(config.mesh, MeshConfig)))
+    log.info("devices: %s", placement.describe())
+    params = load_params(folder, model, placement) if folder is not None else placement.init_params(key)
+    lora_params = placement.init_lora(jax.random.fold_in(key, 1)) if lora is not None else None
     renderer = ChatRenderer(tokenizer)
-    sampler = Sampler(model, max_len=config.rollout.max_context, lora=lora, tokenizer=tokenizer)
+    sampler = Sampler(model, max_len=config.rollout.max_context, lora=lora, tokenizer=tokenizer,
+                      mesh=placement.sample_mesh)
     service = envs.start_service(env.name, env.options, config.rollout.max_concurrent)
     setup = Setup(config, model, lora, Path(tokenizer_dir), renderer, make_env, sampler, run_dir,
-                  MetricsLog(run_dir), service)
+                  MetricsLog(run_dir, writes=distributed.is_first()), placement, service)
     return setup, PolicyParams(params, lora_params)
 
 
-def policy_model(config: TrainConfig, folder: Path | None, run_dir: Path, make_env, key: jax.Array):
-    """(model config, parameters, tokenizer, tokenizer folder): a Hugging Face folder's, or a new decoder's with a
-    tokenizer trained locally."""
-    if folder is not None:
-        from transformers import AutoTokenizer
+def policy_tokenizer(config: TrainConfig, folder: Path | None, run_dir: Path, make_env):
+    """(tokenizer, its folder): the Hugging Face folder's, or one trained locally for a model from scratch."""
+    if folder is None:
+        return local_tokenizer(config, run_dir, make_env)
+    from transformers import AutoTokenizer
 
-        from jaxagent.models.hf import load_hf_params
+    return AutoTokenizer.from_pretrained(str(folder)), folder
 
-        model, params = load_hf_params(folder, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                                       remat=config.model.remat, attention=config.model.attention,
-                                       attention_block=config.model.attention_block)
-        return model, params, AutoTokenizer.from_pretrained(str(folder)), folder
-    tokenizer, tokenizer_dir = local_tokenizer(config, run_dir, make_env)
-    model = scratch_model(config.model, len(tokenizer), config.rollout.max_context)
-    params, _ = init_params(model, key)
-    return model, params, tokenizer, tokenizer_dir
+
+def policy_model(config: TrainConfig, folder: Path | None, vocab_size: int) -> ModelConfig:
+    """The policy's architecture: the Hugging Face folder's config.json with the run's dtypes and kernels, or the
+    model section's shapes for a model from scratch."""
+    if folder is None:
+        return scratch_model(config.model, vocab_size, config.rollout.max_context)
+    section = config.model
+    return ModelConfig.from_hf_dir(folder, dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat,
+                                   attention=section.attention, attention_block=section.attention_block)
+
+
+def load_params(folder: Path, model: ModelConfig, placement: Placement) -> dict:
+    """The Hugging Face weights, each tensor written straight into its shards (no host holds the whole model)."""
+    from jaxagent.models.hf import load_hf_params
+
+    shardings = placement.param_shardings()
+    _, params = load_hf_params(folder, model, shardings=None if shardings is None else leaf_sharding_fn(shardings[0]))
+    return params
 
 
 def scratch_model(section: ModelSection, vocab_size: int, max_context: int) -> ModelConfig:
@@ -121,34 +134,37 @@ def local_tokenizer(config: TrainConfig, run_dir: Path, make_env):
     from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
 
     folder = run_dir / "tokenizer"
-    if (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(folder)), folder
-    tasks = envs.list_tasks(config.env.name, config.env.train_split, config.env.options)
-    played = expert_demonstrations(make_env, tasks, config.model.tokenizer_demos, config.sft.mistake_rate,
-                                   seed=config.seed + 1)
-    texts = [m["content"] for messages, _ in played for m in messages]
-    tokenizer = train_tokenizer(texts, vocab_size=config.model.vocab_size)
-    staging = run_dir / ".tokenizer.partial"
-    save_tokenizer(tokenizer, staging)
-    staging.replace(folder)
-    return tokenizer, folder
+
+    def train_and_save() -> None:
+        tasks = envs.list_tasks(config.env.name, config.env.train_split, config.env.options)
+        played = expert_demonstrations(make_env, tasks, config.model.tokenizer_demos, config.sft.mistake_rate,
+                                       seed=config.seed + 1)
+        texts = [m["content"] for messages, _ in played for m in messages]
+        staging = run_dir / ".tokenizer.partial"
+        save_tokenizer(train_tokenizer(texts, vocab_size=config.model.vocab_size), staging)
+        staging.replace(folder)
+
+    distributed.written_by_first(folder, train_and_save)  # every process then reads the same files
+    return AutoTokenizer.from_pretrained(str(folder)), folder
 
 
 def check_same_config(run_dir: Path, config: TrainConfig) -> None:
     """A run folder belongs to one configuration: resuming with another would mix two runs."""
     path = run_dir / "config.yaml"
-    if path.is_file():
+    if distributed.first_says(path.is_file()):
         import yaml
 
         saved = yaml.safe_load(path.read_text())
         current = to_dict(config)
-        saved.pop("progress", None), current.pop("progress", None)
+        # Where a run runs (its mesh) and how it reports progress do not change what it computes.
+        for key in ("progress", "mesh"):
+            saved.pop(key, None), current.pop(key, None)
         if saved != current:
             changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise ConfigError(f"run folder {str(run_dir)!r} holds a run with a different configuration (differs in: "
                               f"{', '.join(changed)}); set run_dir=... to a new folder, or delete that one")
     else:
-        save_resolved(config, run_dir)
+        distributed.written_by_first(path, lambda: save_resolved(config, run_dir))
 
 
 def run_stages(setup: Setup, policy: PolicyParams) -> dict:
@@ -158,25 +174,29 @@ def run_stages(setup: Setup, policy: PolicyParams) -> dict:
         stage_dir = setup.run_dir / "stages" / name
         result_file = stage_dir / "result.json"
         if result_file.is_file() and is_policy_folder(stage_dir / "policy"):
-            saved = load_policy(stage_dir / "policy")
-            policy = PolicyParams(saved.params, saved.lora_params)
+            policy = PolicyParams(*setup.placement.load_policy(stage_dir / "policy"))
             results[name] = json.loads(result_file.read_text())
             log.info("stage %s already finished; skipped", name)
             continue
         policy, stats = get_stage_runner(name)(setup, index, name, policy)
         policy_dir = stage_dir / "policy"
-        if policy_dir.exists():  # left by a crash between saving the policy and its result
+        if policy_dir.exists() and distributed.is_first():  # left by a crash between the policy and its result
             shutil.rmtree(policy_dir)
+        distributed.barrier(f"clear {policy_dir}")
         save_policy(policy_dir, Policy(setup.model, policy.params, setup.lora, policy.lora_params,
                                        setup.tokenizer_dir))
-        with staged_file(result_file) as tmp:
-            tmp.write_text(json.dumps(stats, indent=2) + "\n")
+        if distributed.is_first():
+            with staged_file(result_file) as tmp:
+                tmp.write_text(json.dumps(stats, indent=2) + "\n")
+        distributed.barrier(f"finished {stage_dir}")
         results[name] = stats
     return results
 
 
 def finish(setup: Setup, results: dict) -> dict:
     """summary.json, reward.png and the final table."""
+    if not distributed.is_first():  # process 0 reports for the run
+        return {}
     summary = {"config": setup.config.name, "seed": setup.config.seed,
                "stages": {name: {"eval_success": stats["success"], "eval_reward": stats["reward"],
                                  "eval_episodes": stats["episodes"], "eval_turns": stats["turns"]}
@@ -207,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a name in configs/ or a .yaml path")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. loop.rollouts_per_task=4 optim.lr=1e-5")
     args = parser.parse_args(argv)
-    initialize_distributed()  # a multi-host launch (launch/) sets JAXAGENT_DISTRIBUTED or the coordinator variables
+    distributed.initialize()  # a multi-host launch (launch/) sets JAXAGENT_DISTRIBUTED or the coordinator variables
     config = load_config(args.config, args.overrides)
     train(config)
     return 0

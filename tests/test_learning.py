@@ -39,7 +39,7 @@ def direction_violations(name, rollouts, targets=REAL_TARGETS) -> list[str]:
     stage = loop_algorithms.RLStage(name, loop_algorithms.get_algorithm(name), loop_cfg, update_config,
                                     make_update_step(setup.model, update_config, None),
                                     LogprobComputer(setup.model, None, 1.0), frozen={})
-    trainable = loop_algorithms.trainable_of(stage, setup, policy)
+    trainable = loop_algorithms.trainable_of(stage.algorithm, setup, policy)
     state = init_train_state(jax.tree.map(jnp.copy, trainable), update_config)
     before = mean_logprobs(setup, trainable, trajectories)
     loop_algorithms.targets = targets  # _learn looks its targets function up at call time

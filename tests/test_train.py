@@ -64,7 +64,7 @@ def test_each_algorithm_updates_the_policy(name, rollouts):
     stage = loop_algorithms.RLStage(name, loop_algorithms.get_algorithm(name), loop_cfg, update_config,
                                     make_update_step(setup.model, update_config, None),
                                     LogprobComputer(setup.model, None, 1.0), frozen={})
-    trainable = loop_algorithms.trainable_of(stage, setup, policy)
+    trainable = loop_algorithms.trainable_of(stage.algorithm, setup, policy)
     before = [np.asarray(x) for x in jax.tree.leaves(trainable)]
     state = init_train_state(jax.tree.map(lambda x: x.copy(), trainable), update_config)
     state, stats = loop_algorithms._learn(stage, state, trajectories, 1, np.random.default_rng(0),

@@ -7,7 +7,7 @@ sampled from (LOOP): the ratio's denominator then matches the numerator's numeri
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +63,15 @@ def minibatches(count: int, size: int, rng: np.random.Generator) -> list[np.ndar
 class LogprobComputer:
     """Jitted per-token log-probs (and values, with a value head) of padded batches, for old log-probs and GAE."""
 
-    def __init__(self, model: ModelConfig, lora: LoraConfig | None, temperature: float, chunk: int = 512) -> None:
+    def __init__(self, model: ModelConfig, lora: LoraConfig | None, temperature: float, chunk: int = 512,
+                 place: Callable[[Any], Any] = lambda batch: batch, fetch: Callable[[Any], np.ndarray] = np.asarray
+                 ) -> None:
         def run(params, lora_params, value_head, tokens, segments):
             return sequence_logprobs(params, model, tokens, segments, lora_params, lora, temperature, chunk,
                                      value_head)
         self._run = jax.jit(run)
+        self._place = place  # host arrays -> where the parameters are (Placement.batch on a mesh)
+        self._fetch = fetch  # results -> whole host arrays (Placement.fetch gathers them from every process)
 
     def __call__(self, params: dict, lora_params: dict | None, value_head: dict | None,
                  trajectories: Sequence[Trajectory], rows_per_call: int
@@ -77,11 +81,11 @@ class LogprobComputer:
         for start in range(0, len(trajectories), rows_per_call):
             part = trajectories[start:start + rows_per_call]
             padded = pad_trajectories(part, rows=rows_per_call)
-            logp, value = self._run(params, lora_params, value_head, jnp.asarray(padded["tokens"]),
-                                    jnp.asarray(padded["segment_ids"]))
-            logp = np.asarray(logp)
+            tokens, segments = self._place((padded["tokens"], padded["segment_ids"]))
+            logp, value = self._run(params, lora_params, value_head, jnp.asarray(tokens), jnp.asarray(segments))
+            logp = self._fetch(logp)
             logps += [logp[i, :len(t.token_ids)] for i, t in enumerate(part)]
             if value is not None:
-                value = np.asarray(value)
+                value = self._fetch(value)
                 values += [value[i, :len(t.token_ids)] for i, t in enumerate(part)]
         return logps, (values if value_head is not None else None)

@@ -10,18 +10,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
+from jaxagent import distributed
 from jaxagent.checkpoint import StageCheckpoints
-from jaxagent.config import TrainConfig
+from jaxagent.config import RolloutConfig, TrainConfig
 from jaxagent.envs.base import Environment
 from jaxagent.envs.registry import get_spec, list_tasks
 from jaxagent.metrics import MetricsLog, goal_completion, rollout_stats
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
+from jaxagent.placement import Placement
 from jaxagent.rollout import collect
 from jaxagent.sampling import Sampler
 from jaxagent.tokens import ChatRenderer
@@ -42,6 +44,7 @@ class Setup:
     sampler: Sampler
     run_dir: Path
     metrics: MetricsLog
+    placement: Placement
     service: Any = None  # the environment's shared processes (AppWorld's server pool), closed with the run
     started: float = dataclasses.field(default_factory=time.time)
 
@@ -84,6 +87,27 @@ def eval_seed(config: TrainConfig, stage_index: int, iteration: int) -> int:
     return config.seed * 7919 + stage_index * 1_000_003 + iteration
 
 
+def collect_groups(setup: Setup, policy: PolicyParams, tasks: Sequence[str], rollouts_per_task: int,
+                   rollout: RolloutConfig, key: jax.Array) -> list[Trajectory]:
+    """`rollouts_per_task` episodes of every task, as `jaxagent.rollout.collect` plays them.
+
+    In a multi-process run each process plays every P-th task (whole groups: leave-one-out compares the rollouts
+    of one task) on its own devices, and every process returns all of them, ordered by (task, rollout).
+    """
+    if jax.process_count() == 1:
+        return collect(setup.sampler, policy.params, setup.renderer, setup.make_env, tasks, rollouts_per_task,
+                       rollout, key, policy.lora_params)
+    # Every process joins the re-placement of the parameters (a collective), even one without tasks this round.
+    params, lora_params = setup.sampler.place_params(policy.params, policy.lora_params)
+    mine = distributed.share_of(len(tasks))
+    local = collect(setup.sampler, params, setup.renderer, setup.make_env, [tasks[i] for i in mine],
+                    rollouts_per_task, rollout, jax.random.fold_in(key, jax.process_index()),
+                    lora_params) if mine else []
+    local = [dataclasses.replace(t, group_id=mine[t.group_id]) for t in local]
+    everything = [t for part in distributed.gather_objects(local) for t in part]
+    return sorted(everything, key=lambda t: (t.group_id, t.rollout_index))
+
+
 def evaluate(setup: Setup, policy: PolicyParams, seed: int, split: str | None = None
              ) -> tuple[dict, list[Trajectory]]:
     """Roll out on held-out tasks with the evaluation sampling settings; returns (statistics, trajectories).
@@ -93,8 +117,8 @@ def evaluate(setup: Setup, policy: PolicyParams, seed: int, split: str | None = 
     config = setup.config
     rollout = dataclasses.replace(config.rollout, temperature=config.eval.temperature, top_p=config.eval.top_p,
                                   early_stop_fraction=0.0)
-    trajectories = collect(setup.sampler, policy.params, setup.renderer, setup.make_env, eval_tasks(setup, split),
-                           config.eval.rollouts_per_task, rollout, jax.random.key(seed), policy.lora_params)
+    trajectories = collect_groups(setup, policy, eval_tasks(setup, split), config.eval.rollouts_per_task, rollout,
+                                  jax.random.key(seed))
     stats = rollout_stats(trajectories)
     scenario = get_spec(config.env.name).scenario
     if scenario is not None:  # AppWorld reports TGC and SGC
@@ -148,6 +172,7 @@ class IterationLoop:
 
     def last_eval(self) -> dict:
         """The stage's last held-out evaluation, as logged."""
+        distributed.barrier(f"last eval of {self.name}")  # process 0 has written it
         evals = [r for r in self.setup.metrics.records() if r["stage_index"] == self.stage_index
                  and r["kind"] == "eval"]
         if not evals:

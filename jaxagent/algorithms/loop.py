@@ -27,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxagent import advantages as adv
+from jaxagent import distributed
 from jaxagent.algorithms.batching import LogprobComputer, minibatches, per_token_rows, sequence_batch
 from jaxagent.algorithms.common import (
     IterationLoop,
     PolicyParams,
     Setup,
+    collect_groups,
     eval_seed,
     evaluate,
     key_from_json,
@@ -43,7 +45,6 @@ from jaxagent.envs.registry import list_tasks
 from jaxagent.errors import lookup
 from jaxagent.metrics import rollout_stats
 from jaxagent.models.heads import init_value_head
-from jaxagent.rollout import collect
 from jaxagent.trajectory import Trajectory, pad_trajectories
 from jaxagent.update import (
     LossConfig,
@@ -52,7 +53,6 @@ from jaxagent.update import (
     UpdateStep,
     check_nonfinite,
     init_train_state,
-    make_update_step,
 )
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class RLStage:
     update: UpdateStep
     logprobs: LogprobComputer
     frozen: dict  # base weights under LoRA adapters ({} when every parameter trains)
+    place: Callable = lambda batch: batch  # host batch -> where the update step wants it (Placement.batch)
 
 
 def loss_config(name: str, loop: LoopSection, updates_per_iteration: int, temperature: float) -> LossConfig:
@@ -128,22 +129,28 @@ def loss_config(name: str, loop: LoopSection, updates_per_iteration: int, temper
                       value_coef_steps=max(loop.iterations * updates_per_iteration, 1), denominator="rows")
 
 
-def make_stage(setup: Setup, name: str, frozen: dict) -> RLStage:
-    """The RL stage `name` of this run: its loss, jitted update step and log-prob computer."""
+def make_stage(setup: Setup, name: str, policy: PolicyParams) -> tuple[RLStage, TrainState]:
+    """The RL stage `name` of this run (its loss, jitted update step and log-prob computer) and its fresh train
+    state, placed where the update step wants it."""
     loop_cfg, temperature = setup.config.loop, setup.config.rollout.temperature
     rollouts = loop_cfg.tasks_per_iteration * loop_cfg.rollouts_per_task
     updates = loop_cfg.epochs * math.ceil(rollouts / loop_cfg.minibatch_size)
     update_config = UpdateConfig(loss_config(name, loop_cfg, updates, temperature), setup.config.optim,
                                  micro_batches=loop_cfg.micro_batches, kl_stop=loop_cfg.kl_stop)
-    return RLStage(name, get_algorithm(name), loop_cfg, update_config,
-                   make_update_step(setup.model, update_config, setup.lora),
-                   LogprobComputer(setup.model, setup.lora, temperature), frozen)
+    algorithm, frozen = get_algorithm(name), policy.frozen()
+    fresh = init_train_state(trainable_of(algorithm, setup, policy), update_config)
+    update, fresh = setup.placement.update_step(update_config, fresh, frozen)
+    stage = RLStage(name, algorithm, loop_cfg, update_config, update,
+                    LogprobComputer(setup.model, setup.lora, temperature, place=setup.placement.batch,
+                                    fetch=setup.placement.fetch), frozen,
+                    setup.placement.batch)
+    return stage, fresh
 
 
-def trainable_of(stage: RLStage, setup: Setup, policy: PolicyParams) -> dict:
+def trainable_of(algorithm: Algorithm, setup: Setup, policy: PolicyParams) -> dict:
     """The leaves the stage trains: the policy's (adapters or parameters) and its algorithm's extra heads."""
     trainable = policy.trainable()
-    if "value" in stage.algorithm.heads:
+    if "value" in algorithm.heads:
         trainable["value_head"] = init_value_head(setup.model)
     return trainable
 
@@ -162,21 +169,22 @@ def trajectory_advantages(name: str, trajectories: list[Trajectory], loop: LoopS
 def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tuple[PolicyParams, dict]:
     """`loop.iterations` iterations of the algorithm `name`; returns the policy and its held-out evaluation."""
     config, loop_cfg = setup.config, setup.config.loop
-    frozen = policy.frozen()
-    stage = make_stage(setup, name, frozen)
+    stage, fresh = make_stage(setup, name, policy)
+    frozen = stage.frozen
     loop = IterationLoop(setup, stage_index, name, loop_cfg.iterations, config.checkpoint.every)
     train_tasks = list_tasks(config.env.name, config.env.train_split, config.env.options)
     batches = TaskBatches(train_tasks, loop_cfg.tasks_per_iteration, seed=config.seed + stage_index)
-    state, meta, start = loop.resume(init_train_state(trainable_of(stage, setup, policy), stage.update_config))
+    state, meta, start = loop.resume(fresh)
     rng = key_from_json(meta["rng"]) if meta else jax.random.fold_in(jax.random.key(config.seed), stage_index)
     if meta:
         batches.set_state(meta["data"])
+    distributed.agree((train_tasks, key_to_json(rng), batches.get_state()), "the tasks, RNG and data iterator")
     try:
         for iteration in loop.progress(start):
             rng, rollout_key, update_key = jax.random.split(rng, 3)
             current = PolicyParams.from_state(state, frozen)
-            trajectories = collect(setup.sampler, current.params, setup.renderer, setup.make_env, next(batches),
-                                   loop_cfg.rollouts_per_task, config.rollout, rollout_key, current.lora_params)
+            trajectories = collect_groups(setup, current, next(batches), loop_cfg.rollouts_per_task, config.rollout,
+                                          rollout_key)
             state, stats = _learn(stage, state, trajectories, iteration,
                                   np.random.default_rng([config.seed, stage_index, iteration]), update_key)
             loop.show(reward=stats["reward"], success=stats["success"])
@@ -232,7 +240,7 @@ def _epochs(stage: RLStage, state: TrainState, chosen: list[Trajectory], kept: l
     step_metrics: list = []
     for epoch in range(stage.loop.epochs):
         for part in minibatches(len(chosen), stage.loop.minibatch_size, shuffle_rng):
-            batch = _minibatch(stage, chosen, [kept[i] for i in part], part, target, old)
+            batch = stage.place(_minibatch(stage, chosen, [kept[i] for i in part], part, target, old))
             key, step_key = jax.random.split(key)
             state, metrics = stage.update(state, stage.frozen, batch, step_key)
             check_nonfinite(state, metrics, stage.update_config.max_nonfinite_in_row)

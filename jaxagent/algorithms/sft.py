@@ -14,13 +14,14 @@ import math
 import jax
 import numpy as np
 
+from jaxagent import distributed
 from jaxagent.algorithms.batching import sequence_batch
 from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup, eval_seed, evaluate
 from jaxagent.atomic import staged_file
 from jaxagent.data import DataError, expert_demonstrations, read_conversations
 from jaxagent.envs.registry import list_tasks
 from jaxagent.trajectory import Trajectory, turn_indices
-from jaxagent.update import LossConfig, UpdateConfig, init_train_state, make_update_step
+from jaxagent.update import LossConfig, UpdateConfig, init_train_state
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +29,21 @@ log = logging.getLogger(__name__)
 def demonstrations(setup: Setup) -> list[dict]:
     """The stage's conversations, [{"messages", "reward"}], generated once and cached in the run folder."""
     cache = setup.run_dir / "sft_demos.jsonl"
-    if cache.is_file():
-        return [json.loads(line) for line in cache.read_text().splitlines()]
     config = setup.config
-    if config.sft.data == "expert":
-        tasks = list_tasks(config.env.name, config.env.train_split, config.env.options)
-        played = expert_demonstrations(setup.make_env, tasks, config.sft.demos, config.sft.mistake_rate, config.seed)
-        demos = [{"messages": messages, "reward": reward} for messages, reward in played]
-    else:
-        demos = [{"messages": messages, "reward": None} for messages in read_conversations(config.sft.data)]
-    with staged_file(cache) as tmp:
-        tmp.write_text("".join(json.dumps(d) + "\n" for d in demos))
-    return demos
+
+    def play_and_save() -> None:
+        if config.sft.data == "expert":
+            tasks = list_tasks(config.env.name, config.env.train_split, config.env.options)
+            played = expert_demonstrations(setup.make_env, tasks, config.sft.demos, config.sft.mistake_rate,
+                                           config.seed)
+            demos = [{"messages": messages, "reward": reward} for messages, reward in played]
+        else:
+            demos = [{"messages": messages, "reward": None} for messages in read_conversations(config.sft.data)]
+        with staged_file(cache) as tmp:
+            tmp.write_text("".join(json.dumps(d) + "\n" for d in demos))
+
+    distributed.written_by_first(cache, play_and_save)  # every process then reads the same file
+    return [json.loads(line) for line in cache.read_text().splitlines()]
 
 
 def to_trajectories(setup: Setup, demos: list[dict]) -> list[Trajectory]:
@@ -68,10 +72,11 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
     demo_rewards = [r.reward for r in records]
     steps_per_epoch = math.ceil(len(records) / sft.batch_size)
     total = sft.epochs * steps_per_epoch
-    update = make_update_step(setup.model, update_config(sft), setup.lora)
     frozen = policy.frozen()
+    update, fresh = setup.placement.update_step(update_config(sft), init_train_state(policy.trainable(),
+                                                                                     update_config(sft)), frozen)
     loop = IterationLoop(setup, stage_index, name, total, checkpoint_every=sft.checkpoint_every)
-    state, meta, start = loop.resume(init_train_state(policy.trainable(), update_config(sft)))
+    state, meta, start = loop.resume(fresh)
     if start == 1:
         loop.log(0, "data", {"demos": len(records), "demo_reward": float(np.mean(demo_rewards)),
                              "demo_success": float(np.mean([r >= 1.0 for r in demo_rewards]))})
@@ -81,7 +86,7 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
             epoch, position = divmod(step - 1, steps_per_epoch)
             order = np.random.default_rng([config.seed, stage_index, epoch]).permutation(len(records))
             chosen = order[position * sft.batch_size:(position + 1) * sft.batch_size]
-            batch = sequence_batch([records[i] for i in chosen], rows=sft.batch_size)
+            batch = setup.placement.batch(sequence_batch([records[i] for i in chosen], rows=sft.batch_size))
             state, metrics = update(state, frozen, batch, jax.random.fold_in(jax.random.key(config.seed), step))
             losses.append(float(metrics["loss"]))
             loop.show(loss=losses[-1])
