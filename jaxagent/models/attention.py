@@ -13,10 +13,11 @@ never concatenated with the new keys.
 (running max and sum), so it holds `[B, K, G, block_q, block_k]` scores at a time instead of `[.., T, S]`, skips
 blocks in which no query sees any key (the future of a causal sequence, other segments), and its gradient
 recomputes scores block by block from the output and the log-sum-exp (a custom VJP) instead of storing them.
-Memory grows linearly with the sequence (checked with XLA's memory analysis in tests/test_attention.py; with
-`remat: full` or `dots` JAX still differentiates through the forward kernel, so long sequences want `remat: none`
-for now). `dense_attention` materialises all scores; it is the reference the
-blockwise kernel is tested against, and the faster choice for short sequences.
+Memory grows linearly with the sequence, with or without `remat` (checked with XLA's memory analysis in
+tests/test_attention.py): the forward walks key blocks in a while loop, which JAX never unzips into stored per-block
+values when a remat'd layer is recomputed (a scan there was stored block by block: quadratic again).
+`dense_attention` materialises all scores; it is the reference the blockwise kernel is tested against, and the
+faster choice for short sequences.
 
 On a GPU, `attention(kernel="blockwise")` runs cuDNN's fused flash attention (`jax.nn.dot_product_attention`) for
 half-precision self-attention when every row holds one sequence from slot 0 followed by padding (the layout of
@@ -202,7 +203,7 @@ def _flash_forward(q, sources, q_seg, q_ord, scale, bq, blocks):
         carry = (jnp.full(lead, -jnp.inf, jnp.float32), jnp.zeros(lead, jnp.float32),
                  jnp.zeros(q_i.shape, jnp.float32))
         for src, bk in zip(sources, blocks):
-            def key_block(carry, j, src=src, bk=bk):
+            def key_block(j, carry, src=src, bk=bk):
                 kb = _key_block(src, j, bk)
                 visible = _visible(seg_i, ord_i, kb.segments, kb.order)
 
@@ -217,9 +218,11 @@ def _flash_forward(q, sources, q_seg, q_ord, scale, bq, blocks):
                                     preferred_element_type=jnp.float32)
                     return new_peak, total * fade + jnp.sum(p, axis=-1), acc * fade[..., None] + pv
 
-                return jax.lax.cond(jnp.any(visible), update, lambda c: c, carry), None
+                return jax.lax.cond(jnp.any(visible), update, lambda c: c, carry)
 
-            carry, _ = jax.lax.scan(key_block, carry, jnp.arange(src.keys.shape[2] // bk))
+            # A while loop (a traced trip count): JAX cannot differentiate through it, so it never stores per-block
+            # values for a gradient; the gradient is the custom VJP below.
+            carry = jax.lax.fori_loop(0, jnp.int32(src.keys.shape[2] // bk), key_block, carry)
         peak, total, acc = carry
         out = (acc / _nonzero(total)[..., None]).astype(q.dtype)
         lse = jnp.where(total > 0, _finite(peak) + jnp.log(_nonzero(total)), -jnp.inf)
@@ -232,6 +235,7 @@ def _flash_forward(q, sources, q_seg, q_ord, scale, bq, blocks):
 def _flash_fwd(q, sources, q_seg, q_ord, scale, bq, blocks):
     out, lse = _flash_forward(q, sources, q_seg, q_ord, scale, bq, blocks)
     return out, (q, sources, q_seg, q_ord, out, lse)
+
 
 
 def _flash_bwd(scale, bq, blocks, residuals, d_out):
