@@ -134,8 +134,32 @@ def attention_section(runs: list[dict]) -> list[str]:
     return lines
 
 
+def plan_section(runs: list[dict]) -> list[str]:
+    lines = ["## Memory plans of the paper configs", "",
+             "`python -m jaxagent.plan --config NAME --devices N --device-memory 80 [--backend local] --json` — "
+             "the update step and the sampler's decode step compiled with abstract arrays (nothing allocated); GiB "
+             "per device from the compiled programs' memory analysis. `cpu`: N simulated CPU devices, where XLA "
+             "computes bf16 in f32 and copies the cache inside the decode loop, so activations read high (compare "
+             "the 7B row compiled for an H100); `NVIDIA …`: compiled for that GPU.", "",
+             "| config | compiled for | devices (mesh) | params + adapters + Adam | update activations | KV cache | "
+             "decode activations | fits 80 GiB | largest micro-batch rows | largest concurrent episodes |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+    for run in runs:
+        update, decode = run["phase_bytes"]["update step"], run["phase_bytes"]["decoding"]
+        fixed = update["parameters"] + update["LoRA adapters"] + update["optimizer state"]
+        mesh = ", ".join(f"{k}={v}" for k, v in run["mesh"].items()) if run["mesh"] else "no mesh"
+        lines.append(f"| {run['config']} ({run['model']}, LoRA r{run['lora_rank']}, {run['max_context']} tokens) | "
+                     f"{run['backend']} | {run['devices']} ({mesh}) | {gib(fixed)} | "
+                     f"{gib(update['activations (update)'])} ({run['micro_batch_rows']} rows) | "
+                     f"{gib(decode['KV cache'])} ({run['concurrent_episodes']} episodes) | "
+                     f"{gib(decode['activations (decode)'])} | {'yes' if run['fits'] else '**no**'} | "
+                     f"{run['largest_micro_batch_rows']} | {run['largest_concurrent_episodes']} |")
+    return lines
+
+
 SECTIONS = {"update": update_section, "sampler": sampler_section, "sampler_gpu": sampler_gpu_section,
-            "rollout": rollout_section, "attention": attention_section}
+            "rollout": rollout_section, "attention": attention_section, "plan": plan_section}
 
 
 GPU_NOTE = """## GPU

@@ -104,6 +104,7 @@ class ModelSection:
     attention_block: int = 512
     vocab_size: int = 1024  # of the tokenizer trained locally for a model from scratch
     tokenizer_demos: int = 200  # expert episodes whose text trains that tokenizer
+    shapes: str = ""  # built-in shapes (jaxagent.plan) for planning memory without the weights, e.g. qwen2.5-32b
 
     @property
     def from_scratch(self) -> bool:
