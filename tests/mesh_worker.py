@@ -28,9 +28,23 @@ from jaxagent.sharding import (  # noqa: E402
     sharding_for,
 )
 
+reads: list[int] = []  # bytes each checkpoint reader was asked for, noted when it closes
+
+
+def _count_reads() -> None:
+    from jaxagent.models import hf
+
+    close = hf._TensorReader.close
+
+    def counted(self) -> None:
+        reads.append(self.bytes_read)
+        close(self)
+    hf._TensorReader.close = counted
+
 
 def main(folder: str, part: str) -> None:
     assert jax.device_count() == 8, jax.devices()
+    _count_reads()
     config, params = load_hf_params(folder)
     if part == "update":
         print(json.dumps(update_under_meshes(config, params)))
@@ -62,8 +76,10 @@ def main(folder: str, part: str) -> None:
                                                                                               "tensor": 1}}.items():
         mesh = make_mesh(shape)
         train_shardings, _ = param_shardings(config, mesh, TRAIN_RULES)
-        # Loaded straight into the shardings, not copied onto one device first.
+        # Loaded straight into the shardings, not copied onto one device first, each device's block read alone.
+        reads.clear()
         _, sharded = load_hf_params(folder, shardings=leaf_sharding_fn(train_shardings))
+        file_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
         q_kernel = sharded["layers"]["attn"]["q"]["kernel"]
         batch_sharding = sharding_for(("batch", "length"), ids.shape, mesh, TRAIN_RULES)
         logits = forward(sharded, config, jax.device_put(jnp.asarray(ids), batch_sharding),
@@ -71,6 +87,7 @@ def main(folder: str, part: str) -> None:
         _, logits_greedy, logits_sampled = run(sharded, mesh)
         real = mask.astype(bool)
         results[name] = {
+            "bytes_read_over_model": max(reads) / file_bytes,
             "q_kernel_spec": str(q_kernel.sharding.spec),
             "q_kernel_devices": len(q_kernel.sharding.device_set),
             "forward_max_diff": float(np.abs(np.asarray(logits) - ref_logits)[real].max()),

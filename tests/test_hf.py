@@ -178,3 +178,24 @@ def test_stacked_leaves_are_filled_in_place():
     updated = _write_layer(buffer, np.ones((4, 5), np.float32), jnp.int32(1))
     assert buffer.is_deleted()
     np.testing.assert_array_equal(np.asarray(updated).sum(axis=(1, 2)), [0, 20, 0])
+
+
+def test_flat_range_finds_exactly_the_blocks_that_are_one_range_of_the_file():
+    """A block of jaxagent's layout is read alone from the file only when it is one contiguous range there."""
+    import itertools
+
+    from jaxagent.models.hf import _flat_range
+
+    shape = (4, 3, 5)
+    flat = np.arange(60).reshape(shape)
+    choices = [[(0, 4), (1, 2), (1, 3)], [(0, 3), (1, 2), (0, 1)], [(0, 5), (2, 4)]]
+    found = 0
+    for bounds in itertools.product(*choices):
+        block = flat[tuple(slice(a, b) for a, b in bounds)].ravel()
+        contiguous = bool((np.diff(block) == 1).all())
+        got = _flat_range(shape, bounds)
+        assert (got is not None) == contiguous, bounds
+        if got is not None:
+            found += 1
+            np.testing.assert_array_equal(flat.ravel()[got[0]:got[1]], block)
+    assert found == 7

@@ -72,6 +72,8 @@ def test_sharded_forward_and_sampling_equal_one_device(hf_models):
     assert results["fsdp8"]["q_kernel_spec"] == "P(None, 'fsdp', None, None)"
     for name, result in results.items():
         assert result["q_kernel_devices"] == 8, name
+        # Every block is read once, alone: the model's bytes, not a whole tensor per device (8x for split leaves).
+        assert 0.99 < result["bytes_read_over_model"] < 1.01, (name, result)
         assert result["forward_max_diff"] < 1e-5, (name, result)
         assert result["greedy_equal"] and result["sampled_equal"], (name, result)
         assert result["sampled_logprob_max_diff"] < 1e-5, (name, result)

@@ -2,7 +2,9 @@
 
 Import validates everything first (config, index, every file's header and size, every tensor's name and shape) and
 only then reads data, tensor by tensor: a stacked parameter is filled one layer at a time into a donated buffer,
-so host memory holds the weights plus one layer's tensor, never a second full copy. Export writes shards of bounded
+so host memory holds the weights plus one layer's tensor, never a second full copy. Loaded into shardings (a mesh),
+each device's block is read alone from the file wherever it is one range of the file's layout, so a process of a
+multi-host job reads only what its own devices hold. Export writes shards of bounded
 size into a temporary folder that is renamed into place at the end, so an interrupted export leaves nothing behind.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -213,12 +216,24 @@ class _TensorReader:
 
     def __init__(self) -> None:
         self._handles: dict[Path, Any] = {}
+        self.bytes_read = 0  # what was asked of the files (a whole tensor or the blocks of one)
 
-    def read(self, info: TensorInfo, name: str) -> np.ndarray:
+    def _handle(self, info: TensorInfo) -> Any:
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="numpy")
-        return handle.get_tensor(name)
+        return handle
+
+    def read(self, info: TensorInfo, name: str) -> np.ndarray:
+        array = self._handle(info).get_tensor(name)
+        self.bytes_read += array.nbytes
+        return array
+
+    def read_block(self, info: TensorInfo, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """One block of a tensor, in the file's layout; only that block is read from disk."""
+        array = self._handle(info).get_slice(name)[index]
+        self.bytes_read += array.nbytes
+        return array
 
     def close(self) -> None:
         self._handles.clear()
@@ -261,6 +276,8 @@ def load_hf_params(folder: str | Path, config: ModelConfig | None = None,
 def _load_leaf(reader: _TensorReader, tensors: dict[str, TensorInfo], rule: TensorRule, leaf: jax.ShapeDtypeStruct,
                config: ModelConfig, sharding: jax.sharding.Sharding | None) -> jax.Array:
     dtype = leaf.dtype
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return _load_sharded_leaf(reader, tensors, rule, leaf, config, sharding)
     if rule.path[0] != "layers":
         name = rule.hf_name
         array = to_jax_layout(rule, reader.read(tensors[name], name), leaf.shape).astype(dtype)
@@ -272,6 +289,71 @@ def _load_leaf(reader: _TensorReader, tensors: dict[str, TensorInfo], rule: Tens
         layer = to_jax_layout(rule, reader.read(tensors[name], name), leaf.shape[1:]).astype(dtype)
         buffer = _write_layer(buffer, layer, jnp.int32(i))
     return buffer
+
+
+def _load_sharded_leaf(reader: _TensorReader, tensors: dict[str, TensorInfo], rule: TensorRule,
+                       leaf: jax.ShapeDtypeStruct, config: ModelConfig, sharding: jax.sharding.NamedSharding
+                       ) -> jax.Array:
+    """A leaf built shard by shard: each of this process's devices gets the block of the HF tensor(s) it holds,
+    read alone from the file (a process of a multi-host job never reads another host's slices)."""
+    spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+
+    def block_reader(name: str, shape: tuple[int, ...]):
+        blocks: dict[tuple, np.ndarray] = {}  # replicated shards share one read
+
+        def read(index: tuple[slice, ...]) -> np.ndarray:
+            key = tuple(part.indices(size)[:2] for part, size in zip(index, shape))
+            if key not in blocks:
+                blocks[key] = _read_part(reader, tensors[name], name, rule, shape, key).astype(leaf.dtype)
+            return blocks[key]
+        return read
+
+    if rule.path[0] != "layers":
+        return jax.make_array_from_callback(leaf.shape, sharding, block_reader(rule.hf_name, leaf.shape))
+    if spec[0] is not None:
+        raise CheckpointError(f"{'.'.join(rule.path)}: the layer axis cannot be sharded (spec {sharding.spec})")
+    layer_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    buffer = _zeros(leaf.shape, leaf.dtype, sharding)
+    for i in range(config.num_layers):
+        name = rule.hf_name.format(i=i)
+        layer = jax.make_array_from_callback(leaf.shape[1:], layer_sharding, block_reader(name, leaf.shape[1:]))
+        buffer = _write_layer(buffer, layer, jnp.int32(i))
+    return buffer
+
+
+def _read_part(reader: _TensorReader, info: TensorInfo, name: str, rule: TensorRule, shape: tuple[int, ...],
+               bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The block `bounds` ((start, stop) per dim of jaxagent's layout) of one HF tensor. When the block is one
+    contiguous block of the file's layout too, only it is read; otherwise the whole tensor is, then cut."""
+    index = tuple(slice(a, b) for a, b in bounds)
+    if rule.kind == "kernel":  # HF [out, in] -> jaxagent in_shape + out_shape
+        split = rule.n_in
+        rows = _flat_range(shape[split:], bounds[split:])
+        cols = _flat_range(shape[:split], bounds[:split])
+        if rows is not None and cols is not None:
+            block = reader.read_block(info, name, (slice(*rows), slice(*cols)))
+            return block.T.reshape([b - a for a, b in bounds])
+    elif rule.kind == "bias":  # HF flat -> jaxagent shaped
+        flat = _flat_range(shape, bounds)
+        if flat is not None:
+            return reader.read_block(info, name, (slice(*flat),)).reshape([b - a for a, b in bounds])
+    elif tuple(info.shape) == tuple(shape):  # same layout
+        return reader.read_block(info, name, index)
+    return np.ascontiguousarray(to_jax_layout(rule, reader.read(info, name), shape)[index])
+
+
+def _flat_range(shape: tuple[int, ...], bounds: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
+    """The [start, stop) of a block in the row-major flattening of `shape`, or None when the block is not one
+    contiguous range there: every dim after the last cut one must be whole, every dim before it one entry wide."""
+    cut = [i for i, ((a, b), size) in enumerate(zip(bounds, shape)) if (a, b) != (0, size)]
+    if not cut:
+        return 0, math.prod(shape)
+    last = cut[-1]
+    if any(bounds[i][1] - bounds[i][0] != 1 for i in range(last)):
+        return None
+    stride = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    start = sum(bounds[i][0] * stride[i] for i in range(last + 1))
+    return start, start + (bounds[last][1] - bounds[last][0]) * stride[last]
 
 
 def _zeros(shape: tuple[int, ...], dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
