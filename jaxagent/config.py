@@ -74,6 +74,9 @@ class RolloutConfig:
     # Wait for every environment step before decoding again: slower, but the round no longer depends on how fast
     # each environment answered, so a run (and a run resumed from a checkpoint) repeats exactly.
     deterministic: bool = False
+    # The sampler's KV cache starts as long as the episodes need and grows in length buckets as they get longer,
+    # instead of holding max_context slots per live episode from the start (same tokens either way).
+    grow_cache: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_tokens_per_turn", "max_context", "max_observation_tokens", "decode_chunk",

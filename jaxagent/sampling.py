@@ -241,10 +241,14 @@ class Sampler:
 
     def __init__(self, config: ModelConfig, max_len: int, *, lora: LoraConfig | None = None, tokenizer: Any = None,
                  mesh: Mesh | None = None, rules: Rules = SAMPLE_RULES, batch_buckets: Sequence[int] = POWERS_OF_TWO,
-                 length_buckets: Sequence[int] = tuple(s for s in POWERS_OF_TWO if s >= 16)) -> None:
+                 length_buckets: Sequence[int] = tuple(s for s in POWERS_OF_TWO if s >= 16),
+                 grow_cache: bool = False) -> None:
         if not isinstance(max_len, int) or max_len < 2:
             raise SamplingError(f"max_len={max_len!r} must be an integer >= 2")
         self.config, self.max_len, self.lora, self.mesh, self.rules = config, max_len, lora, mesh, rules
+        # A batch's cache starts at the length bucket its rows need and grows bucket by bucket (a copy into a
+        # longer cache) as they get longer, instead of holding max_len slots per row from the start.
+        self.grow_cache = grow_cache
         self.batch_buckets, self.length_buckets = tuple(sorted(batch_buckets)), tuple(sorted(length_buckets))
         self._token_bytes = bytes_of_tokens(tokenizer, config.vocab_size) if tokenizer is not None else None
         self._byte_table = None
@@ -253,11 +257,12 @@ class Sampler:
         self._decode = jax.jit(self._decode_impl, static_argnames=("kv_limit", "buffer", "top_k", "greedy",
                                                                    "use_top_p"), donate_argnums=(1, 4))
         self._take = jax.jit(self._take_impl)  # output shape differs, so donation would not help
+        self._lengthen = jax.jit(self._lengthen_impl, static_argnames=("slots",))  # new shapes: no donation
 
     @property
     def compile_count(self) -> int:
         """Programs compiled so far by this sampler (prefill/append, decode, row selection)."""
-        return sum(fn._cache_size() for fn in (self._extend, self._decode, self._take))
+        return sum(fn._cache_size() for fn in (self._extend, self._decode, self._take, self._lengthen))
 
     # ---- host API -----------------------------------------------------------------------------------------------
 
@@ -277,7 +282,7 @@ class Sampler:
             raise SamplingError("prompts must be a non-empty list of token-id lists")
         rows = len(prompts)
         batch_size = round_up(rows, self.batch_buckets, "batch size")
-        cache = init_cache(self.config, batch_size, self.max_len)
+        cache = init_cache(self.config, batch_size, self._kv_limit(1) if self.grow_cache else self.max_len)
         state = SamplerState(cache, jnp.zeros((batch_size,), jnp.int32),
                              jnp.zeros((batch_size, self.config.vocab_size), jnp.float32))
         state = self._place(state)
@@ -316,6 +321,7 @@ class Sampler:
             tokens[j, : counts[i]] = chunks[i]
         # The chunk attends to what its rows already hold: no more cache slots than the longest of them.
         kv_limit = self._kv_limit(max(int(batch.lengths[extended].max()), 1))
+        batch = self._room_for(batch, int((batch.lengths[extended] + chunk_len).max()))
         state = self._extend(params, batch.state, jnp.asarray(tokens), jnp.asarray(counts[index], jnp.int32),
                              jnp.asarray(index), lora_params, kv_limit=kv_limit)
         return Batch(state, batch.rows, new_lengths)
@@ -352,6 +358,7 @@ class Sampler:
             longest = int(lengths[~done].max())
             kv_limit = self._kv_limit(longest + 1)
             steps = min(kv_limit - longest, buffer)
+            state = self._room_for(Batch(state, batch.rows, lengths), kv_limit).state
             state, tokens, logprobs, counts, progress = self._decode(
                 params, state, jnp.asarray(budget, jnp.int32), jnp.asarray(cache_bound), progress, jnp.int32(steps),
                 jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), *stops, lora_params,
@@ -481,6 +488,22 @@ class Sampler:
         return jax.tree.map(lambda x: jnp.take(x, index_B, axis=1 if x.ndim == 5 else 0), state)
 
     # ---- helpers --------------------------------------------------------------------------------------------------
+
+    def _room_for(self, batch: Batch, slots: int) -> Batch:
+        """`batch` with a cache of at least `slots` slots per row (capped at max_len): lengthened to the next length
+        bucket when `grow_cache` is on and it is shorter."""
+        have = batch.state.cache.segment_ids_BxS.shape[1]
+        want = self._kv_limit(slots)
+        if want <= have:
+            return batch
+        return Batch(self._place(self._lengthen(batch.state, slots=want - have)), batch.rows, batch.lengths)
+
+    def _lengthen_impl(self, state: SamplerState, *, slots: int) -> SamplerState:
+        cache = state.cache
+        pad = ((0, 0), (0, 0), (0, 0), (0, slots), (0, 0))
+        return SamplerState(KVCache(jnp.pad(cache.k_LxBxKxSxDh, pad), jnp.pad(cache.v_LxBxKxSxDh, pad),
+                                    jnp.pad(cache.segment_ids_BxS, ((0, 0), (0, slots))), cache.end_B),
+                            state.next_position_B, state.last_logits_BxV)
 
     def _kv_limit(self, needed: int) -> int:
         return min(round_up(needed, self.length_buckets, "context"), self.max_len)

@@ -83,7 +83,7 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
     lora_params = placement.init_lora(jax.random.fold_in(key, 1)) if lora is not None else None
     renderer = ChatRenderer(tokenizer)
     sampler = Sampler(model, max_len=config.rollout.max_context, lora=lora, tokenizer=tokenizer,
-                      mesh=placement.sample_mesh)
+                      mesh=placement.sample_mesh, grow_cache=config.rollout.grow_cache)
     service = envs.start_service(env.name, env.options, config.rollout.max_concurrent)
     setup = Setup(config, model, lora, Path(tokenizer_dir), renderer, make_env, sampler, run_dir,
                   MetricsLog(run_dir, writes=distributed.is_first()), placement, service)

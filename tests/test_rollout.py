@@ -226,3 +226,23 @@ def test_observations_are_truncated_with_the_note(renderer):
     assert cut.endswith("\nExecution output is too long and is not fully shown.")
     assert len(renderer.encode(cut.rsplit("\n", 1)[0])) <= 50
     assert truncate_observation(renderer, "short", 50) == "short"
+
+
+def test_a_growing_cache_makes_the_same_records(renderer, params):
+    """Episodes that outgrow the first cache buckets (16 slots, then 32, ...) with `grow_cache` end with the same
+    records as with a cache of max_context slots from the start."""
+    config = RolloutConfig(max_turns=2, max_tokens_per_turn=16, max_context=640, decode_chunk=8, max_concurrent=4,
+                           env_workers=4, deterministic=True)
+    tasks = split_tasks("dev")[:4]
+
+    def run(grow: bool):
+        sampler = Sampler(MODEL, max_len=config.max_context, grow_cache=grow)
+        return collect(sampler, params, renderer, lambda t, seed: AppTownEnv(t), tasks, 1, config,
+                       jax.random.key(3))
+
+    full, growing = run(False), run(True)
+    assert len(full) == len(growing) == 4
+    for a, b in zip(sorted(full, key=lambda t: t.group_id), sorted(growing, key=lambda t: t.group_id)):
+        assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.sample_logprobs, b.sample_logprobs)
+        assert a.reward == b.reward and a.termination == b.termination
+    assert max(len(t.token_ids) for t in growing) > 256  # the caches grew past several buckets

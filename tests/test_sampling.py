@@ -255,3 +255,15 @@ def test_sample_tokens_follows_the_reference_distribution(temperature, top_k, to
     full = logits / temperature - np.log(np.exp(logits / temperature - (logits / temperature).max()).sum()) - (
         logits / temperature).max()
     np.testing.assert_allclose(np.asarray(logps), full[np.asarray(tokens)], atol=1e-5)
+
+
+def test_a_growing_cache_gives_the_same_turns_as_a_full_one(hf_models):
+    """With grow_cache the cache starts at 16 slots and grows bucket by bucket as the ten turns lengthen the rows
+    (to 256 here); every sampled token and log-prob equals the full-length cache's."""
+    config, params = load_hf_params(hf_models["qwen2_tied"])
+    full = _rollout(Sampler(config, max_len=512), params, config, 10, seed=0, obs_lengths=(3, 9, 5))
+    growing = _rollout(Sampler(config, max_len=512, grow_cache=True), params, config, 10, seed=0,
+                       obs_lengths=(3, 9, 5))
+    assert growing[1] == full[1] and growing[2] == full[2]  # sequences; (index, token, log-prob) per sample
+    assert full[0].state.cache.segment_ids_BxS.shape[1] == 512
+    assert growing[0].state.cache.segment_ids_BxS.shape[1] == 256 > max(len(s) for s in growing[1])
