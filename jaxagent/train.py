@@ -60,6 +60,9 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
     `check_config`: refuse a run folder that holds another configuration (off for `jaxagent.evaluate`).
     """
     folder = model_folder(config.model)
+    mesh_config = MeshConfig(**shared_fields(config.mesh, MeshConfig))
+    if jax.device_count() > 1:
+        mesh_config.resolve(jax.device_count())  # a mesh these devices cannot form fails now, before any work
     env = config.env
     envs.list_tasks(env.name, env.train_split, env.options)  # a bad split fails now, not after the first stage
     envs.list_tasks(env.name, config.eval.split or env.eval_split, env.options)
@@ -77,7 +80,7 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
     key = jax.random.key(config.seed)
     tokenizer, tokenizer_dir = policy_tokenizer(config, folder, run_dir, make_env)
     model = policy_model(config, folder, len(tokenizer))
-    placement = Placement.for_devices(model, lora, MeshConfig(**shared_fields(config.mesh, MeshConfig)))
+    placement = Placement.for_devices(model, lora, mesh_config)
     log.info("devices: %s", placement.describe())
     params = load_params(folder, model, placement) if folder is not None else placement.init_params(key)
     lora_params = placement.init_lora(jax.random.fold_in(key, 1)) if lora is not None else None

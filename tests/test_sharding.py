@@ -138,3 +138,15 @@ def test_training_run_on_a_mesh_matches_one_device_and_splits_its_state(tmp_path
     moments = [leaf for leaf in jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "sharding"))
                if getattr(leaf, "shape", None) == (1, 32, 64)]
     assert moments and all(tuple(m.sharding.partition_spec) == (None, "fsdp", "tensor") for m in moments), moments
+
+
+def test_a_mesh_the_devices_cannot_form_stops_the_run_before_any_work(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+    proc = subprocess.run(micro_train_command(tmp_path / "run", "mesh.data=3"), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: mesh {data: 3, fsdp: 1, tensor: 1} needs 3 devices but 2 "
+                                                    "are present; valid: sizes whose product is 2 (or use -1 for one "
+                                                    "axis)")
+    assert not (tmp_path / "run").exists()
