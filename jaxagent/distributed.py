@@ -173,9 +173,9 @@ def _to_local(array: jax.Array, local: jax.sharding.NamedSharding) -> jax.Array:
     global_sharding = jax.sharding.NamedSharding(array.sharding.mesh, local.spec)
     replicated = jax.device_put(array, global_sharding)
     shards = {shard.device: shard for shard in replicated.addressable_shards}
-    wanted = local.devices_indices_map(array.shape)
+    wanted, held = local.devices_indices_map(array.shape), global_sharding.devices_indices_map(array.shape)
     for device, index in wanted.items():
-        if global_sharding.devices_indices_map(array.shape)[device] != index:
+        if held[device] != index:
             raise DistributedError(f"device {device} holds another slice in the global mesh than in the local one; "
                                    "mesh.tensor must divide the devices of one process")
     return jax.make_array_from_single_device_arrays(array.shape, local, [shards[d].data for d in wanted])

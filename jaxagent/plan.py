@@ -131,13 +131,14 @@ def plan(config, devices: int, device_bytes: float, per_host: int) -> dict:
     `fits`)."""
     import jax
 
+    from jaxagent.config import shared_fields
     from jaxagent.models.config import dtype_name
     from jaxagent.models.lora import LoraConfig
     from jaxagent.sharding import MeshConfig, make_mesh
 
     model = model_shapes(config)
-    lora = LoraConfig(**_shared(config.lora, LoraConfig)) if config.lora.enabled else None
-    train_mesh = make_mesh(MeshConfig(**_shared(config.mesh, MeshConfig)), jax.devices()) if devices > 1 else None
+    lora = LoraConfig(**shared_fields(config.lora, LoraConfig)) if config.lora.enabled else None
+    train_mesh = make_mesh(MeshConfig(**shared_fields(config.mesh, MeshConfig)), jax.devices()) if devices > 1 else None
     tensor = train_mesh.shape["tensor"] if train_mesh is not None else 1
     if per_host % tensor:
         raise PlanError(f"mesh.tensor={tensor} does not divide --devices-per-host={per_host}")
@@ -174,10 +175,11 @@ def plan(config, devices: int, device_bytes: float, per_host: int) -> dict:
             "concurrent_episodes": concurrent, "largest_concurrent_episodes": max(best_concurrent, 0), "fits": fits}
 
 
-def _shared(section, target) -> dict:
-    from jaxagent.config import shared_fields
+def _on(tree, shardings):
+    """Abstract arrays like `tree`'s, placed by `shardings` (a tree of the same structure)."""
+    import jax
 
-    return shared_fields(section, target)
+    return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), tree, shardings)
 
 
 def _mesh_text(mesh) -> str:
@@ -243,10 +245,8 @@ def _compiled_update(config, model, lora, mesh, rows: int, micro: int):
     if mesh is not None:
         shardings = StepShardings(train_state_shardings(state, model, mesh, update_config, lora),
                                   {"params": param_shardings(model, mesh, TRAIN_RULES)[0]} if frozen else {})
-        placed = lambda tree, sh: jax.tree.map(  # noqa: E731
-            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), tree, sh)
-        state, frozen = placed(state, shardings.state), placed(frozen, shardings.frozen)
-        batch = placed(batch, batch_shardings(batch, mesh))
+        state, frozen = _on(state, shardings.state), _on(frozen, shardings.frozen)
+        batch = _on(batch, batch_shardings(batch, mesh))
     else:
         shardings = None
     step = make_update_step(model, update_config, lora, shardings=shardings)
@@ -277,10 +277,8 @@ def _sample_phase(config, model, lora, train_mesh, sample_mesh, concurrent: int,
                          jax.ShapeDtypeStruct((rows,), jnp.int32),
                          jax.ShapeDtypeStruct((rows, model.vocab_size), jnp.float32))
     if sample_mesh is not None:
-        place = lambda tree, sh: jax.tree.map(  # noqa: E731
-            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), tree, sh)
         params_sh, adapters_sh = param_shardings(model, sample_mesh, SAMPLE_RULES, lora)
-        params, adapters = place(params, params_sh), place(adapters, adapters_sh)
+        params, adapters = _on(params, params_sh), _on(adapters, adapters_sh)
         axes = (*CACHE_AXES, ("batch",), ("batch", "vocab"))
         leaves = (*state.cache, state.next_position_B, state.last_logits_BxV)
         placed = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_for(a, x.shape, sample_mesh, SAMPLE_RULES))

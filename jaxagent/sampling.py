@@ -321,8 +321,8 @@ class Sampler:
             tokens[j, : counts[i]] = chunks[i]
         # The chunk attends to what its rows already hold: no more cache slots than the longest of them.
         kv_limit = self._kv_limit(max(int(batch.lengths[extended].max()), 1))
-        batch = self._room_for(batch, int((batch.lengths[extended] + chunk_len).max()))
-        state = self._extend(params, batch.state, jnp.asarray(tokens), jnp.asarray(counts[index], jnp.int32),
+        state = self._room_for(batch.state, int((batch.lengths[extended] + chunk_len).max()))
+        state = self._extend(params, state, jnp.asarray(tokens), jnp.asarray(counts[index], jnp.int32),
                              jnp.asarray(index), lora_params, kv_limit=kv_limit)
         return Batch(state, batch.rows, new_lengths)
 
@@ -358,7 +358,7 @@ class Sampler:
             longest = int(lengths[~done].max())
             kv_limit = self._kv_limit(longest + 1)
             steps = min(kv_limit - longest, buffer)
-            state = self._room_for(Batch(state, batch.rows, lengths), kv_limit).state
+            state = self._room_for(state, kv_limit)
             state, tokens, logprobs, counts, progress = self._decode(
                 params, state, jnp.asarray(budget, jnp.int32), jnp.asarray(cache_bound), progress, jnp.int32(steps),
                 jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), *stops, lora_params,
@@ -489,14 +489,14 @@ class Sampler:
 
     # ---- helpers --------------------------------------------------------------------------------------------------
 
-    def _room_for(self, batch: Batch, slots: int) -> Batch:
-        """`batch` with a cache of at least `slots` slots per row (capped at max_len): lengthened to the next length
+    def _room_for(self, state: SamplerState, slots: int) -> SamplerState:
+        """`state` with a cache of at least `slots` slots per row (capped at max_len): lengthened to the next length
         bucket when `grow_cache` is on and it is shorter."""
-        have = batch.state.cache.segment_ids_BxS.shape[1]
+        have = state.cache.segment_ids_BxS.shape[1]
         want = self._kv_limit(slots)
         if want <= have:
-            return batch
-        return Batch(self._place(self._lengthen(batch.state, slots=want - have)), batch.rows, batch.lengths)
+            return state
+        return self._place(self._lengthen(state, slots=want - have))
 
     def _lengthen_impl(self, state: SamplerState, *, slots: int) -> SamplerState:
         cache = state.cache
