@@ -32,8 +32,10 @@ TRAIN_RULES: Rules = {
     "batch": ("data", "fsdp"), "length": None,
     "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "head_dim": None,
     "mlp": "tensor", "layers": None, "lora_rank": None,
+    # Activations between layers: tokens split over `tensor` (sequence parallelism), the hidden width whole.
+    "activation_length": "tensor", "activation_embed": None,
 }
-SAMPLE_RULES: Rules = {**TRAIN_RULES, "embed": None}
+SAMPLE_RULES: Rules = {**TRAIN_RULES, "embed": None, "activation_length": None}
 
 # Logical axes of the KV cache's fields (see transformer.KVCache).
 CACHE_AXES = (("layers", "batch", "kv_heads", "length", "head_dim"),
@@ -124,6 +126,16 @@ def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules = TRAIN_RULES,
 def sharding_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
     """A NamedSharding for one array (activations, caches, batches) from its logical axes."""
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def activation_placer(mesh: Mesh, rules: Rules | None = None):
+    """`place(x, logical_axes)` for `transformer.activation_placement`: pins an activation to its sharding under
+    `rules` (default: the training rules)."""
+
+    def place(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, sharding_for(axes, x.shape, mesh, rules or TRAIN_RULES))
+
+    return place
 
 
 def leaf_sharding_fn(shardings: dict):

@@ -16,6 +16,7 @@ with the train state's shardings in and out (`StepShardings`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable, NamedTuple
 
@@ -129,7 +130,21 @@ def make_update_step(model: ModelConfig, config: UpdateConfig, lora: LoraConfig 
     if shardings is not None:
         jit_args.update(in_shardings=(shardings.state, shardings.frozen, None, None),
                         out_shardings=(shardings.state, None))
+        mesh = jax.tree.leaves(shardings.state)[0].mesh
+        step_fn, gradients = (_on_mesh(fn, mesh) for fn in (step_fn, gradients))
     return UpdateStep(jax.jit(step_fn, **jit_args), jax.jit(gradients))
+
+
+def _on_mesh(fn: Callable, mesh: Any) -> Callable:
+    """`fn` traced with the training rules' activation placement on `mesh` (sequence-parallel layer inputs)."""
+    from jaxagent.models.transformer import activation_placement
+    from jaxagent.sharding import activation_placer
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with activation_placement(activation_placer(mesh)):
+            return fn(*args)
+    return traced
 
 
 def _gradients_fn(loss_fn: LossFn, config: UpdateConfig) -> Callable:

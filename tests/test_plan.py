@@ -70,3 +70,43 @@ def test_built_in_shapes_stand_in_for_absent_weights(monkeypatch):
 def test_local_backend_refuses_another_device_count():
     code, out, _ = _plan("--config", "loop_qwen7b", "--devices", "4", "--device-memory", "80", "--backend", "local")
     assert code != 0 and "--backend local compiles for this machine's 1 device(s); --devices=4 differs" in out
+
+
+# Compiles a LoRA LOOP step of a small model (8 layers, full recomputation) at 8K tokens on a tensor=4 mesh and
+# prints XLA's temporary bytes per device; with an argument, under training rules that leave the layer inputs whole
+# (a fresh process each: traced programs are cached by their shapes, not by the rules).
+_SEQUENCE_PARALLEL_PROBE = """
+import sys
+from jaxagent.plan import _simulate_devices, _compiled_update
+_simulate_devices(4)
+import jax
+from jaxagent import sharding
+from jaxagent.config import load_config
+from jaxagent.models.config import ModelConfig
+from jaxagent.models.lora import LoraConfig
+shapes = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512,
+          "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512}
+model = ModelConfig.from_hf_dict(shapes, remat="full", attention_block=1024)
+config = load_config("tiny", ["stages=[loop]", "rollout.max_context=8192", "loop.minibatch_size=1",
+                              "loop.micro_batches=1"])
+if len(sys.argv) > 1:
+    sharding.TRAIN_RULES = {**sharding.TRAIN_RULES, "activation_length": None}
+mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 4})
+compiled, _ = _compiled_update(config, model, LoraConfig(rank=4, alpha=8.0), mesh, 1, 1)
+print(compiled.memory_analysis().temp_size_in_bytes)
+"""
+
+
+def _update_peak(*args: str) -> int:
+    proc = subprocess.run([sys.executable, "-c", _SEQUENCE_PARALLEL_PROBE, *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.split()[-1])
+
+
+def test_training_splits_the_recomputed_layer_inputs_over_tensor():
+    """Sequence parallelism: with full recomputation the backward pass keeps each layer's input, [T, D] per layer;
+    split over `tensor` each device keeps a quarter of it, so the step needs much less than with inputs whole."""
+    split, whole = _update_peak(), _update_peak("whole")
+    # The 8 kept inputs alone are 8 x 8192 x 256 x 4 bytes = 64 MiB whole, 16 MiB split.
+    assert whole - split > 32 * 2**20, (split / 2**20, whole / 2**20)

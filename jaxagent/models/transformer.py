@@ -16,8 +16,10 @@ block; `ModelConfig.attention` picks the blockwise kernel (memory linear in T, t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,6 +33,26 @@ _INIT_STD = 0.02  # HF's initializer_range for these families
 # LoRA adapters are trained, so they stay float32 whatever the base's dtype: at LOOP's lr 5e-5 most AdamW updates
 # of a bfloat16 weight would round away. The adapter's matmuls run in the compute dtype.
 ADAPTER_DTYPE = jnp.float32
+
+
+# How activations are placed on a mesh while a step is traced: `place(x, logical_axes) -> x` (set by
+# `activation_placement`; None off a mesh). The model names the axes; the caller's rules map them onto the mesh.
+_PLACE_ACTIVATIONS: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("place_activations", default=None)
+
+
+@contextlib.contextmanager
+def activation_placement(place: Callable[[jax.Array, tuple[str, ...]], jax.Array]) -> Iterator[None]:
+    """Within this block, traced forwards pin their layer inputs with `place` (see `sharding.activation_placer`)."""
+    token = _PLACE_ACTIVATIONS.set(place)
+    try:
+        yield
+    finally:
+        _PLACE_ACTIVATIONS.reset(token)
+
+
+def _placed(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    place = _PLACE_ACTIVATIONS.get()
+    return x if place is None else place(x, axes)
 
 
 class KVCache(NamedTuple):
@@ -228,6 +250,9 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, cache_kv: Any, cos: jax.Array, sin: jax.Array, layout: Any):
         c = self.config
+        # The layer input is what recomputation keeps for the backward pass: one [B, T, D] per layer. Training
+        # rules split its tokens over `tensor` (sequence parallelism), so each device keeps 1/tensor of it.
+        x_BxTxD = _placed(x_BxTxD, ("batch", "activation_length", "activation_embed"))
         h = RMSNorm(c.rms_norm_eps, "embed", c.param_dtype, name="input_norm")(x_BxTxD)
         attn_out, new_kv = Attention(c, self.lora, self.use_lora, self.deterministic, name="attn")(
             h, cos, sin, layout, cache_kv)
