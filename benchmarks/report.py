@@ -140,9 +140,13 @@ def plan_section(runs: list[dict]) -> list[str]:
              "the update step and the sampler's decode step compiled with abstract arrays (nothing allocated); GiB "
              "per device from the compiled programs' memory analysis. `cpu`: N simulated CPU devices, where XLA "
              "computes bf16 in f32 and copies the cache inside the decode loop, so activations read high (compare "
-             "the 7B row compiled for an H100); `NVIDIA …`: compiled for that GPU.", "",
+             "the 7B row compiled for an H100); `NVIDIA …`: compiled for that GPU. Training splits each layer's "
+             "input over `tensor` by tokens (sequence parallelism); under a KV budget (`rollout.kv_cache_gb`) the "
+             "decode program is compiled for the budget's two extreme caches. Sharded runs on GPUs have not been "
+             "measured: the GPU lent to this project so far was a single H100, so the 32B rows are CPU "
+             "compilations, and the 7B row predates the KV budget (24 whole-context episodes, no budget).", "",
              "| config | compiled for | devices (mesh) | params + adapters + Adam | update activations | KV cache | "
-             "decode activations | fits 80 GiB | largest micro-batch rows | largest concurrent episodes |",
+             "decode activations | fits 80 GiB | largest micro-batch rows | concurrent episodes that fit |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
     for run in runs:
@@ -152,10 +156,19 @@ def plan_section(runs: list[dict]) -> list[str]:
         lines.append(f"| {run['config']} ({run['model']}, LoRA r{run['lora_rank']}, {run['max_context']} tokens) | "
                      f"{run['backend']} | {run['devices']} ({mesh}) | {gib(fixed)} | "
                      f"{gib(update['activations (update)'])} ({run['micro_batch_rows']} rows) | "
-                     f"{gib(decode['KV cache'])} ({run['concurrent_episodes']} episodes) | "
+                     f"{gib(decode['KV cache'])} ({_episodes(run)}) | "
                      f"{gib(decode['activations (decode)'])} | {'yes' if run['fits'] else '**no**'} | "
                      f"{run['largest_micro_batch_rows']} | {run['largest_concurrent_episodes']} |")
     return lines
+
+
+def _episodes(run: dict) -> str:
+    """The plan's concurrent episodes: all at max_context, or under a KV budget the caches it allows."""
+    if not run.get("kv_budget_gib"):
+        return f"{run['concurrent_episodes']} episodes"
+    shapes = ", ".join(f"{rows} × {slots}" for rows, slots in run["decode_shapes"])
+    return (f"{run['concurrent_episodes']} episodes under a {run['kv_budget_gib']:g} GiB budget; "
+            f"rows × tokens: {shapes}")
 
 
 SECTIONS = {"update": update_section, "sampler": sampler_section, "sampler_gpu": sampler_gpu_section,

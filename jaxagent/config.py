@@ -77,12 +77,19 @@ class RolloutConfig:
     # The sampler's KV cache starts as long as the episodes need and grows in length buckets as they get longer,
     # instead of holding max_context slots per live episode from the start (same tokens either way).
     grow_cache: bool = False
+    # The most KV cache the sampler may hold, in GiB per device (0: no budget, room for max_concurrent episodes of
+    # max_context tokens). Episodes are admitted first come, first served while their cache fits; when growing
+    # episodes outgrow it, the latest admitted are parked (their cache dropped) and rejoin later, re-reading their
+    # context. The cache grows and shrinks with the episodes (as with grow_cache).
+    kv_cache_gb: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_tokens_per_turn", "max_context", "max_observation_tokens", "decode_chunk",
                      "max_concurrent", "env_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if self.kv_cache_gb < 0:
+            raise ValueError(f"rollout.kv_cache_gb={self.kv_cache_gb} must be >= 0 (0: no budget)")
         if not 0.0 <= self.early_stop_fraction <= 1.0:
             raise ValueError(f"rollout.early_stop_fraction={self.early_stop_fraction} must be in [0, 1]")
 

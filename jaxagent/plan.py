@@ -151,20 +151,28 @@ def plan(config, devices: int, device_bytes: float, per_host: int) -> dict:
           f"{device_bytes / GIB:.0f} GiB, {_mesh_text(train_mesh)}; sampling on {per_host} per host")
     update, (micro_rows, peak, growth) = _update_phase(config, model, lora, train_mesh, rows, micro)
     concurrent = config.rollout.max_concurrent
-    sample, per_episode = _sample_phase(config, model, lora, train_mesh, sample_mesh, concurrent, update)
+    sample, capacity = _sample_phase(config, model, lora, train_mesh, sample_mesh, concurrent, update)
     phases = [update, sample]
     print(_table(phases, device_bytes))
     fits = all(phase.total <= device_bytes for phase in phases)
     # Activations grow about linearly with the rows of a micro-batch; the KV cache exactly with the episodes.
     parallel = 1 if train_mesh is None else train_mesh.shape["data"] * train_mesh.shape["fsdp"]
     best_micro = micro_rows + int((device_bytes - update.total) // growth) * parallel
-    free_for_kv = device_bytes - (sample.total - sample.parts["KV cache"])
-    hosts_rows = sample_mesh.shape["data"] if sample_mesh is not None else 1
-    best_concurrent = int(free_for_kv // per_episode) * hosts_rows
+    per_episode = capacity["per_episode"]
     print(f"micro-batch: {micro_rows} row(s) of {config.rollout.max_context} tokens configured; up to "
           f"~{max(best_micro, 0)} fit (activations grow {growth / GIB:.2f} GiB per row per device)")
-    print(f"concurrent episodes per host: {concurrent} configured; up to ~{max(best_concurrent, 0)} fit "
-          f"({per_episode / GIB:.3f} GiB of KV cache per episode on each device that holds it)")
+    if capacity["budget"]:
+        best_concurrent = concurrent if fits else 0
+        (whole, length), *wide = capacity["shapes"]
+        shortest = f"; all {concurrent} while each holds up to {wide[0][1]} tokens" if wide else ""
+        print(f"concurrent episodes per host: {concurrent} configured under a KV budget of "
+              f"{capacity['budget'] / GIB:g} GiB per device: {min(whole, concurrent)} at {length} tokens each"
+              f"{shortest}; the latest admitted wait (parked) while longer ones need the room")
+    else:
+        free_for_kv = device_bytes - (sample.total - sample.parts["KV cache"])
+        best_concurrent = max(int(free_for_kv // per_episode), 0)
+        print(f"concurrent episodes per host: {concurrent} configured; up to ~{best_concurrent} fit "
+              f"({per_episode / GIB:.3f} GiB of KV cache per whole-context episode on each device)")
     print("fits" if fits else "does NOT fit")
     return {"config": config.name, "model": f"{model.family} {model.num_params / 1e9:.1f}B",
             "lora_rank": lora.rank if lora else None, "devices": devices, "device_memory_gib": device_bytes / GIB,
@@ -172,7 +180,8 @@ def plan(config, devices: int, device_bytes: float, per_host: int) -> dict:
             "max_context": config.rollout.max_context,
             "phase_bytes": {phase.name: {**phase.parts, "total": phase.total} for phase in phases},
             "micro_batch_rows": micro_rows, "largest_micro_batch_rows": max(best_micro, 0),
-            "concurrent_episodes": concurrent, "largest_concurrent_episodes": max(best_concurrent, 0), "fits": fits}
+            "concurrent_episodes": concurrent, "largest_concurrent_episodes": best_concurrent,
+            "kv_budget_gib": capacity["budget"] / GIB, "decode_shapes": capacity["shapes"], "fits": fits}
 
 
 def _on(tree, shardings):
@@ -257,18 +266,54 @@ def _compiled_update(config, model, lora, mesh, rows: int, micro: int):
 
 
 def _sample_phase(config, model, lora, train_mesh, sample_mesh, concurrent: int, update: Phase
-                  ) -> tuple[Phase, int]:
-    """Bytes per device while a host decodes `concurrent` episodes (the sampler's own decode program over a cache
-    of `max_context` slots per row), and the KV-cache bytes of one episode on a device that holds it."""
+                  ) -> tuple[Phase, dict]:
+    """Bytes per device while a host decodes its episodes (the sampler's own decode program), and the episode
+    capacity. Without a KV budget the cache holds `concurrent` rows of `max_context` slots; with one
+    (`rollout.kv_cache_gb`) the two extreme caches the budget allows are compiled: every configured episode at the
+    longest length that fits, and as many whole-context episodes as fit."""
+    from jaxagent.sampling import Sampler
+
+    length = config.rollout.max_context
+    sampler = Sampler(model, max_len=length, lora=lora, mesh=sample_mesh)
+    budget = int(config.rollout.kv_cache_gb * GIB)
+    shapes = [(concurrent, length)] if not budget else _budget_shapes(sampler, budget, concurrent, length)
+    programs = [_compiled_decode(config, model, lora, sampler, sample_mesh, rows, slots) for rows, slots in shapes]
+    parts = {name: value for name, value in update.parts.items() if name != "activations (update)"}
+    if train_mesh is not None and train_mesh.shape["fsdp"] > 1:  # the sampler's copy, whole across fsdp
+        parts["sampling copy of the weights"] = programs[0][2]
+    parts["KV cache"] = max(cache for _, cache, _ in programs)
+    parts["activations (decode)"] = max(compiled.memory_analysis().temp_size_in_bytes for compiled, _, _ in programs)
+    per_episode = sampler.cache_bytes(1, length) * (sample_mesh.shape["data"] if sample_mesh is not None else 1)
+    capacity = {"budget": budget, "shapes": shapes, "per_episode": per_episode}
+    return Phase("decoding", parts), capacity
+
+
+def _budget_shapes(sampler, budget: int, concurrent: int, length: int) -> list[tuple[int, int]]:
+    """(rows, slots) of the largest caches a KV budget allows: all `concurrent` rows at the longest length bucket
+    that fits, and the most whole-context rows that fit."""
+    buckets = [b for b in sampler.batch_buckets if sampler.cache_bytes(b, length) <= budget]
+    if not buckets:
+        raise PlanError(f"rollout.kv_cache_gb={budget / GIB:g} cannot hold one episode of {length} tokens "
+                        f"({sampler.cache_bytes(1, length) / GIB:.3f} GiB per device)")
+    shapes = [(min(max(buckets), concurrent), length)]
+    lengths = [s for s in sampler.length_buckets if s < length and sampler.cache_bytes(concurrent, s) <= budget]
+    if max(buckets) < concurrent and lengths:
+        shapes.append((concurrent, max(lengths)))
+    return shapes
+
+
+def _compiled_decode(config, model, lora, sampler, sample_mesh, rows: int, length: int):
+    """(compiled decode program, KV-cache bytes per device, weight bytes per device) for a cache of `rows` rows of
+    `length` slots on one host's devices."""
     import jax
     import jax.numpy as jnp
 
+    from jaxagent.buckets import round_up
     from jaxagent.models.transformer import KVCache, abstract_params
-    from jaxagent.sampling import Sampler, SamplerState, SamplingParams, _Progress
+    from jaxagent.sampling import SamplerState, SamplingParams, _Progress
     from jaxagent.sharding import CACHE_AXES, SAMPLE_RULES, param_shardings, sharding_for
 
-    length, rows = config.rollout.max_context, concurrent
-    sampler = Sampler(model, max_len=length, lora=lora, mesh=sample_mesh)
+    rows = round_up(rows, sampler.batch_buckets, "batch size")
     params, adapters = abstract_params(model, lora)
     kv = (model.num_layers, rows, model.num_kv_heads, length, model.head_dim)
     state = SamplerState(KVCache(jax.ShapeDtypeStruct(kv, model.dtype), jax.ShapeDtypeStruct(kv, model.dtype),
@@ -294,14 +339,7 @@ def _sample_phase(config, model, lora, train_mesh, sample_mesh, concurrent: int,
         params, state, vector(jnp.int32), vector(jnp.bool_), progress, jnp.int32(1), jnp.float32(1.0),
         jnp.float32(1.0), *stops, adapters or None, kv_limit=length, buffer=config.rollout.decode_chunk, top_k=0,
         greedy=False, use_top_p=False).compile()
-    cache_bytes = _device_bytes(state.cache)
-    parts = {name: value for name, value in update.parts.items() if name != "activations (update)"}
-    if train_mesh is not None and train_mesh.shape["fsdp"] > 1:  # the sampler's copy, whole across fsdp
-        parts["sampling copy of the weights"] = _device_bytes(params) + _device_bytes(adapters)
-    parts["KV cache"] = cache_bytes
-    parts["activations (decode)"] = compiled.memory_analysis().temp_size_in_bytes
-    rows_per_device = rows / (sample_mesh.shape["data"] if sample_mesh is not None else 1)
-    return Phase("decoding", parts), int(cache_bytes / max(rows_per_device, 1))
+    return compiled, _device_bytes(state.cache), _device_bytes(params) + _device_bytes(adapters)
 
 
 def _device_bytes(tree) -> int:

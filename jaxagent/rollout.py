@@ -29,14 +29,15 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from jaxagent.buckets import round_up
 from jaxagent.config import TRUNCATION_NOTE, RolloutConfig
 from jaxagent.envs.base import COMPLETED, CONTEXT_OVERFLOW, ENV_ERROR, MAX_TURNS, Environment, Outcome, StepResult
-from jaxagent.sampling import Batch, Sampler, SamplingParams
+from jaxagent.sampling import Batch, Sampler, SamplingError, SamplingParams
 from jaxagent.tokens import ChatRenderer, Conversation
 from jaxagent.trajectory import Trajectory, turn_indices
 
 log = logging.getLogger(__name__)
-
+GIB = 2**30
 
 
 class EnvWorkers:
@@ -98,6 +99,13 @@ class _Episode:
     job_deadline: float = 0.0
     outcome: Outcome | None = None
     termination: str = ""
+    order: int = 0  # admission order: under a KV budget the earliest admitted keep their cache rows
+
+    def cached_tokens(self) -> list[int]:
+        """What this episode's cache row holds (its context so far: the conversation, then this turn's tokens)."""
+        if self.conversation is None:
+            return []
+        return (list(self.conversation.token_ids) + self.turn_ids)[: self.synced]
 
 
 def truncate_observation(renderer: ChatRenderer, text: str, max_tokens: int, note: str = TRUNCATION_NOTE) -> str:
@@ -134,28 +142,41 @@ class _Engine:
                                        stop_token_ids=(renderer.end_of_turn_id,))
         self.workers = EnvWorkers(config.env_workers)
         self.closing: list[Future] = []
+        self.budget = int(config.kv_cache_gb * GIB)  # bytes of KV cache per device; 0: none
+        if self.budget and sampler.cache_bytes(1, config.max_context) > self.budget:
+            need = sampler.cache_bytes(1, config.max_context) / GIB
+            raise SamplingError(f"rollout.kv_cache_gb={config.kv_cache_gb:g} cannot hold one episode of "
+                                f"rollout.max_context={config.max_context} tokens; valid: >= {need:.4g} (or 0)")
+        self.parked: collections.deque[_Episode] = collections.deque()  # live episodes without a cache row
+        self.admitted = 0
 
     def run(self, tasks: Sequence[str], rollouts_per_task: int) -> list[Trajectory]:
         pending = collections.deque((task, g, k) for g, task in enumerate(tasks) for k in range(rollouts_per_task))
         total = len(pending)
-        rows: list[_Episode | None] = [None] * min(self.config.max_concurrent, total)
+        budgeted = self.budget > 0
+        # Without a budget every row exists from the start; with one, rows are admitted as the budget allows.
+        rows: list[_Episode | None] = [None] * (0 if budgeted else min(self.config.max_concurrent, total))
         finished: list[_Episode] = []
         batch: Batch | None = None
         try:
             for row in range(len(rows)):
                 rows[row] = self._start(*pending.popleft(), row)
-            while any(e is not None for e in rows):
+            while any(e is not None for e in rows) or self.parked or (budgeted and pending):
                 prompts, chunks = self._poll_environments(rows, finished, block=not self._any_generating(rows))
+                if budgeted:
+                    batch, rows, prompts, chunks = self._admit(batch, rows, pending, prompts, chunks)
                 batch = self._feed(batch, rows, prompts, chunks)
                 for row, episode in enumerate(rows):
                     if episode is not None and episode.outcome is not None:
-                        rows[row] = self._start(*pending.popleft(), row) if pending else None
+                        rows[row] = self._start(*pending.popleft(), row) if pending and not budgeted else None
                 if self._stop_early(finished, total, len(tasks)):
                     break
+                if batch is not None and budgeted and self._any_generating(rows):
+                    batch, rows = self._room_to_decode(batch, rows)
                 if batch is not None and self._any_generating(rows):
                     batch = self._decode(batch, rows, finished)
         finally:
-            for episode in rows:
+            for episode in [*rows, *self.parked]:
                 if episode is not None and episode.outcome is None:
                     self.closing.append(self.workers.submit(episode.env.close))
             _wait_all(self.closing, timeout=60.0)  # sandboxes and JVMs are released before we return
@@ -166,17 +187,129 @@ class _Engine:
 
     def _start(self, task_id: str, group: int, index: int, row: int) -> _Episode:
         env = self.make_env(task_id, group * 1000 + index)
-        episode = _Episode(task_id, group, index, env, row=row)
+        episode = _Episode(task_id, group, index, env, row=row, order=self.admitted)
+        self.admitted += 1
         self._dispatch(episode, "reset", env.reset)
         return episode
+
+    # ---- the KV budget ----------------------------------------------------------------------------------------
+    # The cache is one [rows, slots] block: its bytes grow with the longest live episode times the row bucket. Before
+    # each sampler call the engine picks which episodes hold rows, first come first served, so that block stays
+    # within the budget: a parked episode keeps its records and rejoins later by re-reading its context.
+
+    def _admit(self, batch, rows, pending, prompts, chunks):
+        """Rows for the next writes: the live and parked episodes that fit (earliest first), then new episodes while
+        room remains. Returns the batch, rows and writes re-addressed to the new rows."""
+        lengths = batch.lengths if batch is not None else np.zeros(len(rows), np.int64)
+
+        def need(episode: _Episode) -> int:
+            if episode.row < 0:  # parked: its whole context is written again
+                return self._need(episode, 0, episode.synced)
+            if episode.row in prompts:
+                return self._need(episode, 0, len(prompts[episode.row]))
+            return self._need(episode, int(lengths[episode.row]), len(chunks.get(episode.row, ())))
+
+        candidates = sorted([e for e in rows if e is not None and e.outcome is None] + list(self.parked),
+                            key=lambda e: e.order)
+        kept, slots = self._first_that_fit(candidates, need)
+        starting = []
+        while (pending and len(kept) == len(candidates) and len(kept) + len(starting) < self.config.max_concurrent
+               and self._fits(len(kept) + len(starting) + 1, slots)):
+            starting.append(pending.popleft())
+        return self._arrange(batch, rows, kept, starting, slots, prompts, chunks)
+
+    def _room_to_decode(self, batch: Batch, rows):
+        """Rows for the next decode chunk: the generating rows need room for it; the latest admitted are parked
+        when the cache would outgrow the budget."""
+        def need(episode: _Episode) -> int:
+            return self._need(episode, int(batch.lengths[episode.row]), 0)
+
+        candidates = sorted([e for e in rows if e is not None and e.outcome is None], key=lambda e: e.order)
+        kept, slots = self._first_that_fit(candidates, need)
+        batch, rows, _, _ = self._arrange(batch, rows, kept, [], slots, {}, {})
+        return batch, rows
+
+    def _first_that_fit(self, candidates: list[_Episode], need: Callable[[_Episode], int]
+                        ) -> tuple[list[_Episode], int]:
+        """The longest prefix of `candidates` whose rows and longest need fit the budget, and the slots it needs.
+        The first always fits (checked when the engine starts), so the earliest episode always progresses."""
+        kept: list[_Episode] = []
+        slots = self.sampler.slots_for(0, 1)
+        for episode in candidates:
+            wanted = max(slots, need(episode))
+            if len(kept) >= self.config.max_concurrent or not self._fits(len(kept) + 1, wanted):
+                break
+            kept.append(episode)
+            slots = wanted
+        return kept, slots
+
+    def _need(self, episode: _Episode, length: int, written: int) -> int:
+        """Slots the row of `episode` (holding `length` tokens) needs for `written` more tokens in one chunk, then,
+        if it generates, its next decode chunk: admission looks ahead to the decode, so that what `_admit` lets in,
+        `_room_to_decode` keeps (no episode re-reads its context only to be parked again)."""
+        slots = self.sampler.slots_for(length, written, appended=True)
+        if self._generating(episode):
+            slots = max(slots, self.sampler.slots_for(length + written, self._turn_budget(episode)))
+        return slots
+
+    def _fits(self, rows: int, slots: int) -> bool:
+        return self.sampler.cache_bytes(rows, slots) <= self.budget
+
+    def _arrange(self, batch, rows, kept, starting, slots, prompts, chunks):
+        """Give `kept` and the new `starting` episodes rows in a cache of `slots` slots; park the other live ones.
+        In place when the current rows have room, else by moving the kept rows into a new batch."""
+        live = [e for e in rows if e is not None and e.outcome is None]
+        kept_ids = {id(e) for e in kept}
+        parked_now = [e for e in live if id(e) not in kept_ids]
+        joining = [e for e in kept if e.row < 0]  # parked earlier, rejoining
+        free = [r for r, e in enumerate(rows) if e is None or e.outcome is not None]
+        current = batch.state.cache.segment_ids_BxS.shape[1] if batch is not None else 0
+        in_place = (batch is not None and not parked_now and len(free) >= len(joining) + len(starting)
+                    and self._fits(len(rows), max(slots, current)))
+        if in_place:
+            if slots > current:
+                batch = self.sampler.reserve(batch, slots)
+            targets = iter(free)
+        else:
+            for episode in parked_now:
+                log.info("KV budget: parking %s/%d (%d tokens) to make room", episode.task_id,
+                         episode.rollout_index, episode.synced)
+                episode.row = -1
+                self.parked.append(episode)
+            staying = [e for e in rows if e is not None and e.outcome is None and id(e) in kept_ids]
+            wanted = len(staying) + len(joining) + len(starting)
+            if not wanted:
+                return batch, rows, prompts, chunks
+            size = round_up(wanted, self.sampler.batch_buckets, "batch size")
+            layout = [e.row for e in staying] + [None] * (size - len(staying))
+            if batch is None:
+                batch = self.sampler.empty(size, slots)
+            else:
+                batch = self.sampler.relayout(batch, layout, max(slots, self.sampler.slots_for(0, 1)))
+            moved = {e.row: new for new, e in enumerate(staying)}
+            prompts = {moved[r]: p for r, p in prompts.items() if r in moved}
+            chunks = {moved[r]: c for r, c in chunks.items() if r in moved}
+            for new, episode in enumerate(staying):
+                episode.row = new
+            rows = staying + [None] * (size - len(staying))
+            targets = iter(range(len(staying), size))
+        for episode in joining:
+            episode.row = next(targets)
+            rows[episode.row] = episode
+            self.parked.remove(episode)
+            prompts[episode.row] = episode.cached_tokens()  # [] still clears a row a finished episode left
+        for task in starting:
+            row = next(targets)
+            rows[row] = self._start(*task, row)
+        return batch, rows, prompts, chunks
 
     def _dispatch(self, episode: _Episode, kind: str, fn: Callable, *args: Any) -> None:
         episode.job, episode.job_kind = self.workers.submit(fn, *args), kind
         episode.job_deadline = time.monotonic() + self.config.env_timeout_s
 
-    @staticmethod
-    def _any_generating(rows: list[_Episode | None]) -> bool:
-        return any(e is not None and e.job is None and e.outcome is None for e in rows)
+    @classmethod
+    def _any_generating(cls, rows: list[_Episode | None]) -> bool:
+        return any(cls._generating(e) for e in rows)
 
     def _stop_early(self, finished: list[_Episode], total: int, num_tasks: int) -> bool:
         if not self.config.early_stop_fraction or len(finished) >= total:
@@ -191,7 +324,7 @@ class _Engine:
         """Apply every finished environment job; returns new prompts and chunks to append, by row."""
         prompts: dict[int, list[int]] = {}
         chunks: dict[int, list[int]] = {}
-        waiting = [e for e in rows if e is not None and e.job is not None]
+        waiting = [e for e in [*rows, *self.parked] if e is not None and e.job is not None]
         if waiting and self.config.deterministic:
             latest = max(e.job_deadline for e in waiting)
             _wait_all([e.job for e in waiting], max(0.0, latest - time.monotonic()))
@@ -221,12 +354,15 @@ class _Engine:
                 if len(episode.conversation.token_ids) >= self.config.max_context:
                     self._finish_by_harness(episode, finished, CONTEXT_OVERFLOW)  # the prompt alone is too long
                     continue
-                prompts[episode.row] = list(episode.conversation.token_ids)
+                if episode.row >= 0:  # a parked episode writes its context when it rejoins
+                    prompts[episode.row] = list(episode.conversation.token_ids)
                 episode.synced = len(episode.conversation.token_ids)
             else:
                 chunk = self._after_step(episode, result, finished)
-                if chunk:
+                if chunk and episode.row >= 0:
                     chunks[episode.row] = chunk
+        if self.parked:
+            self.parked = collections.deque(e for e in self.parked if e.outcome is None)
         return prompts, chunks
 
     def _after_step(self, episode: _Episode, result: StepResult, finished) -> list[int] | None:
@@ -281,16 +417,19 @@ class _Engine:
                                         self.lora_params)
         return batch
 
+    @staticmethod
+    def _generating(episode: _Episode | None) -> bool:
+        return episode is not None and episode.job is None and episode.outcome is None
+
+    def _turn_budget(self, episode: _Episode) -> int:
+        """Tokens this episode may still generate in its turn (per-turn and context limits)."""
+        turn_room = self.config.max_tokens_per_turn - len(episode.turn_ids)
+        context_room = self.config.max_context - episode.synced
+        return max(0, min(turn_room, context_room, self.config.decode_chunk))
+
     def _decode(self, batch: Batch, rows, finished) -> Batch:
-        active = [e is not None and e.job is None and e.outcome is None for e in rows]
-        budgets = []
-        for e, on in zip(rows, active):
-            if not on:
-                budgets.append(0)
-                continue
-            turn_room = self.config.max_tokens_per_turn - len(e.turn_ids)
-            context_room = self.config.max_context - e.synced
-            budgets.append(max(0, min(turn_room, context_room)))
+        active = [self._generating(e) for e in rows]
+        budgets = [self._turn_budget(e) if on else 0 for e, on in zip(rows, active)]
         self.rng, key = jax.random.split(self.rng)
         batch, result = self.sampler.generate(self.params, batch, self.sampling, key, active=active,
                                               lora_params=self.lora_params, max_new_tokens=budgets)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -258,11 +259,13 @@ class Sampler:
                                                                    "use_top_p"), donate_argnums=(1, 4))
         self._take = jax.jit(self._take_impl)  # output shape differs, so donation would not help
         self._lengthen = jax.jit(self._lengthen_impl, static_argnames=("slots",))  # new shapes: no donation
+        self._relayout = jax.jit(self._relayout_impl, static_argnames=("slots",))
 
     @property
     def compile_count(self) -> int:
         """Programs compiled so far by this sampler (prefill/append, decode, row selection)."""
-        return sum(fn._cache_size() for fn in (self._extend, self._decode, self._take, self._lengthen))
+        return sum(fn._cache_size() for fn in (self._extend, self._decode, self._take, self._lengthen,
+                                               self._relayout))
 
     # ---- host API -----------------------------------------------------------------------------------------------
 
@@ -280,17 +283,22 @@ class Sampler:
         """A new batch whose rows hold `prompts` (prefilled), ready to generate."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise SamplingError("prompts must be a non-empty list of token-id lists")
-        rows = len(prompts)
-        batch_size = round_up(rows, self.batch_buckets, "batch size")
-        cache = init_cache(self.config, batch_size, self._kv_limit(1) if self.grow_cache else self.max_len)
-        state = SamplerState(cache, jnp.zeros((batch_size,), jnp.int32),
-                             jnp.zeros((batch_size, self.config.vocab_size), jnp.float32))
-        state = self._place(state)
-        batch = Batch(state, rows, np.zeros(batch_size, np.int64))
+        batch = self.empty(len(prompts))
         for i, prompt in enumerate(prompts):
             if len(_check_ids(prompt, f"prompts[{i}]", self.config.vocab_size)) == 0:
                 raise SamplingError(f"prompts[{i}] is empty; every prompt needs at least one token")
         return self.append(params, batch, prompts, lora_params)
+
+    def empty(self, rows: int, slots: int | None = None) -> Batch:
+        """A batch of `rows` empty rows with `slots` cache slots each (default: the first length bucket with
+        `grow_cache`, else max_len); fill it with `refill`."""
+        if rows < 1:
+            raise SamplingError(f"rows={rows} must be >= 1")
+        size = round_up(rows, self.batch_buckets, "batch size")
+        slots = self._kv_limit(slots or 1) if slots or self.grow_cache else self.max_len
+        state = SamplerState(init_cache(self.config, size, slots), jnp.zeros((size,), jnp.int32),
+                             jnp.zeros((size, self.config.vocab_size), jnp.float32))
+        return Batch(self._place(state), rows, np.zeros(size, np.int64))
 
     def append(self, params: dict, batch: Batch, chunks: Sequence[Sequence[int] | None],
                lora_params: dict | None = None) -> Batch:
@@ -408,6 +416,53 @@ class Sampler:
         lengths = batch.lengths[index].copy()
         return Batch(state, len(rows), lengths)
 
+    def relayout(self, batch: Batch, rows: Sequence[int | None], slots: int) -> Batch:
+        """A batch whose row j holds `batch`'s row `rows[j]` (None: an empty row), in the smallest batch bucket that
+        holds them, with `slots` cache slots per row (rounded up to a length bucket; at least every kept row's
+        length). Rows left out lose their cache: parking an episode to stay within a memory budget."""
+        _check_live(batch)
+        kept = [r for r in rows if r is not None]
+        if not rows or any(not 0 <= r < batch.rows for r in kept):
+            raise SamplingError(f"rows {list(rows)} must be a non-empty list of None or rows within "
+                                f"0..{batch.rows - 1}")
+        slots = self._kv_limit(slots)
+        if kept and int(batch.lengths[kept].max()) > slots:
+            raise SamplingError(f"{slots} slots cannot hold row lengths up to {int(batch.lengths[kept].max())}")
+        size = round_up(len(rows), self.batch_buckets, "batch size")
+        index = np.zeros(size, np.int32)
+        keep = np.zeros(size, bool)
+        for j, r in enumerate(rows):
+            if r is not None:
+                index[j], keep[j] = r, True
+        state = self._place(self._relayout(batch.state, jnp.asarray(index), jnp.asarray(keep), slots=slots))
+        return Batch(state, len(rows), np.where(keep, batch.lengths[index], 0))
+
+    def reserve(self, batch: Batch, slots: int) -> Batch:
+        """`batch` with at least `slots` cache slots per row (next length bucket, capped at max_len)."""
+        _check_live(batch)
+        return Batch(self._room_for(batch.state, slots), batch.rows, batch.lengths)
+
+    def cache_bytes(self, rows: int, slots: int) -> int:
+        """KV-cache bytes on the most loaded device for a batch of `rows` rows (rounded up to their bucket) with
+        `slots` slots each (rounded up to a length bucket), under this sampler's mesh and rules."""
+        size, slots = round_up(rows, self.batch_buckets, "batch size"), self._kv_limit(slots)
+        c = self.config
+        kv = (c.num_layers, size, c.num_kv_heads, slots, c.head_dim)
+        parts = zip(CACHE_AXES, (kv, kv, (size, slots), (size,)), (c.dtype, c.dtype, jnp.int32, jnp.int32))
+        total = 0
+        for axes, shape, dtype in parts:
+            if self.mesh is not None:
+                shape = sharding_for(axes, shape, self.mesh, self.rules).shard_shape(shape)
+            total += math.prod(shape) * np.dtype(dtype).itemsize
+        return total
+
+    def slots_for(self, length: int, new_tokens: int, appended: bool = False) -> int:
+        """Cache slots a row of `length` tokens needs to take `new_tokens` more: decoded (one by one) or, with
+        `appended`, written as one chunk (padded to its length bucket)."""
+        if appended and new_tokens:
+            new_tokens = round_up(new_tokens, self.length_buckets, "chunk length")
+        return self._kv_limit(max(length + new_tokens, 1))
+
     # ---- device programs ------------------------------------------------------------------------------------------
 
     def _forward(self, params, lora_params, tokens, positions, segments, cache, kv_limit, logits_at=None):
@@ -486,6 +541,21 @@ class Sampler:
 
     def _take_impl(self, state: SamplerState, index_B):
         return jax.tree.map(lambda x: jnp.take(x, index_B, axis=1 if x.ndim == 5 else 0), state)
+
+    def _relayout_impl(self, state: SamplerState, index_B, keep_B, *, slots: int) -> SamplerState:
+        cache = state.cache
+        have = cache.segment_ids_BxS.shape[1]
+
+        def fit(x, axis):  # cut or pad the slot axis to `slots`
+            if slots <= have:
+                return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
+            return jnp.pad(x, [(0, slots - have if a == axis else 0) for a in range(x.ndim)])
+
+        k, v = (fit(jnp.take(x, index_B, axis=1), 3) for x in (cache.k_LxBxKxSxDh, cache.v_LxBxKxSxDh))
+        # Empty rows: no live slots (segment 0), nothing written, positions from 0.
+        segments = jnp.where(keep_B[:, None], fit(cache.segment_ids_BxS[index_B], 1), 0)
+        return SamplerState(KVCache(k, v, segments, jnp.where(keep_B, cache.end_B[index_B], 0)),
+                            jnp.where(keep_B, state.next_position_B[index_B], 0), state.last_logits_BxV[index_B])
 
     # ---- helpers --------------------------------------------------------------------------------------------------
 

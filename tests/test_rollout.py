@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 
 import jax
@@ -16,7 +18,7 @@ from jaxagent.envs.base import COMPLETED, CONTEXT_OVERFLOW, ENV_ERROR, MAX_TURNS
 from jaxagent.local_tokenizer import train_tokenizer
 from jaxagent.models import ModelConfig, forward, init_params
 from jaxagent.rollout import RolloutConfig, collect, truncate_observation
-from jaxagent.sampling import Sampler
+from jaxagent.sampling import Sampler, SamplingError
 from jaxagent.tokens import ChatRenderer
 
 VOCAB = 512
@@ -246,3 +248,46 @@ def test_a_growing_cache_makes_the_same_records(renderer, params):
         assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.sample_logprobs, b.sample_logprobs)
         assert a.reward == b.reward and a.termination == b.termination
     assert max(len(t.token_ids) for t in growing) > 256  # the caches grew past several buckets
+
+
+def test_a_kv_budget_parks_episodes_and_makes_the_same_greedy_records(renderer, params, caplog):
+    """Under a KV-cache budget of one whole episode (one row of 640 slots: two rows of 256), four live episodes of up
+    to 640 tokens cannot all keep their cache: the latest admitted are parked and rejoin by re-reading their context.
+    Greedy decoding then gives the same records as a run without a budget."""
+    config = RolloutConfig(max_turns=3, max_tokens_per_turn=16, max_context=640, decode_chunk=8, max_concurrent=4,
+                           env_workers=4, deterministic=True, temperature=0.0)
+    tasks = split_tasks("dev")[:3]
+    budget = Sampler(MODEL, max_len=config.max_context).cache_bytes(1, 640)
+
+    def run(kv_cache_gb: float, **settings):
+        sampler = Sampler(MODEL, max_len=config.max_context, grow_cache=True)
+        settings = dataclasses.replace(config, kv_cache_gb=kv_cache_gb, **settings)
+        records = collect(sampler, params, renderer, lambda t, seed: AppTownEnv(t), tasks, 2, settings,
+                          jax.random.key(3))
+        return sorted(records, key=lambda t: (t.group_id, t.rollout_index))
+
+    free = run(0.0)
+    with caplog.at_level(logging.INFO, logger="jaxagent.rollout"):
+        budgeted = run(budget / 2**30)
+    parked = [r for r in caplog.records if "KV budget: parking" in r.getMessage()]
+    assert parked, "the budget never parked an episode: the test would not exercise re-admission"
+    assert len(free) == len(budgeted) == 6
+    for a, b in zip(free, budgeted):
+        assert np.array_equal(a.token_ids, b.token_ids), a.task_id
+        np.testing.assert_allclose(a.sample_logprobs, b.sample_logprobs, atol=1e-4)
+        assert a.reward == b.reward and a.termination == b.termination
+    assert max(len(t.token_ids) for t in budgeted) > 256
+    # Sampled, with environments answering while their episode is parked: every record is still exact.
+    sampled = run(budget / 2**30, temperature=1.0, deterministic=False)
+    check_logprobs(sampled, params)
+    for trajectory in sampled:
+        check_record(trajectory, renderer)
+
+
+def test_a_kv_budget_below_one_episode_is_refused(renderer, params):
+    config = RolloutConfig(max_context=640, kv_cache_gb=1e-6)
+    sampler = Sampler(MODEL, max_len=640, grow_cache=True)
+    with pytest.raises(SamplingError, match=r"rollout.kv_cache_gb=1e-06 cannot hold one episode of "
+                                            r"rollout.max_context=640 tokens; valid: >= "):
+        collect(sampler, params, renderer, lambda t, seed: AppTownEnv(t), split_tasks("dev")[:1], 1, config,
+                jax.random.key(0))

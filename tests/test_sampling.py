@@ -195,6 +195,31 @@ def test_rows_can_be_refilled_and_dropped(hf_models):
     assert kept.tokens[0] == alone.tokens[0]
 
 
+def test_relayout_moves_rows_into_a_new_cache_and_counts_its_bytes(hf_models):
+    """Rows moved (and reordered) into a shorter or longer cache go on exactly as before; rows left out are gone,
+    and the new empty rows take a prompt as a new batch would. `cache_bytes` is what the cache's arrays hold."""
+    config, params = load_hf_params(hf_models["qwen3"])
+    sampler = Sampler(config, max_len=64, grow_cache=True)
+    prompts = _prompts(seed=4)
+    start = lambda: sampler.generate(params, sampler.start(params, prompts), GREEDY, jax.random.key(0))[0]  # noqa
+    _, before = sampler.generate(params, start(), GREEDY, jax.random.key(0))
+    moved = sampler.relayout(start(), [2, None, 0], slots=64)
+    assert moved.rows == 3 and list(moved.lengths[:3]) == [start().lengths[2], 0, start().lengths[0]]
+    assert moved.state.cache.segment_ids_BxS.shape == (4, 64)  # the batch bucket of 3 rows, the asked slots
+    new_prompt = _prompts(seed=5, lengths=(7,))[0]
+    moved = sampler.refill(params, moved, {1: new_prompt})
+    _, after = sampler.generate(params, moved, GREEDY, jax.random.key(0))
+    _, alone = sampler.generate(params, sampler.start(params, [new_prompt]), GREEDY, jax.random.key(0))
+    assert after.tokens[0] == before.tokens[2] and after.tokens[2] == before.tokens[0]
+    assert after.tokens[1] == alone.tokens[0]
+    with pytest.raises(SamplingError, match="16 slots cannot hold row lengths up to"):
+        sampler.relayout(start(), [0, 1], slots=16)
+
+    held = sum(x.size * x.dtype.itemsize for x in sampler.empty(3, 40).state.cache)
+    assert sampler.cache_bytes(3, 40) == held  # 3 rows -> a bucket of 4, 40 slots -> 64
+    assert sampler.cache_bytes(4, 64) == held and sampler.cache_bytes(5, 64) == 2 * held
+
+
 def test_a_full_cache_ends_the_turn_cleanly(hf_models):
     config, params = load_hf_params(hf_models["qwen2_tied"])
     sampler = Sampler(config, max_len=20)
