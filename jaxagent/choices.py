@@ -5,8 +5,9 @@ loading the runtime. The runtime tables that implement each name (losses, estima
 names; tests/test_structure.py checks that every table and its names agree.
 """
 
-STAGES = ("sft", "loop", "grpo", "rloo", "ppo", "reinforce", "ei")  # jaxagent.algorithms.STAGE_RUNNERS
-RL_STAGES = STAGES[1:]  # jaxagent.algorithms.loop.ALGORITHMS
+RL_STAGES = ("loop", "grpo", "rloo", "ppo", "reinforce", "ei")  # jaxagent.algorithms.loop.ALGORITHMS
+STAGES = ("sft", *RL_STAGES, "eto")  # jaxagent.algorithms.STAGE_RUNNERS
+ETO_CONTRASTS = ("trajectory",)  # jaxagent.algorithms.eto: what a pair compares (the paper's step variant: not yet)
 LOSS_KINDS = ("policy", "sft", "dpo", "bradley_terry")  # jaxagent.objectives.LOSSES, beside its "value" term
 # jaxagent.advantages.ADVANTAGES
 ADVANTAGES = ("leave_one_out", "group_mean", "group_norm", "leave_one_out_norm", "reward", "none")

@@ -182,6 +182,33 @@ class LoopSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EtoSection:
+    """ETO (Trial and Error): iterations of explore -> pairs against the expert -> trajectory DPO (defaults: the
+    paper's). Iteration i uses betas[i] and lrs[i] (the last entry repeats); each iteration's DPO starts a fresh
+    AdamW, constant LR after a linear warm-up over `warmup_fraction` of its steps, and its reference is the policy at
+    the iteration's start."""
+
+    iterations: int = 3
+    betas: tuple[float, ...] = (0.1, 0.5, 0.5)
+    lrs: tuple[float, ...] = (1e-6, 5e-7, 5e-7)
+    epochs: int = 3
+    batch_size: int = 32  # pairs per update
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    explore_temperature: float = 0.0  # the public script explores greedily
+    explore_tasks: int = 0  # training tasks explored per iteration (0: all, once each)
+    extra_turns: int = 5  # a rejected failure is cut to the expert's agent turns + this; -1 keeps it whole
+    contrast: str = "trajectory"
+
+    def beta(self, iteration: int) -> float:
+        return self.betas[min(iteration, len(self.betas)) - 1]
+
+    def lr(self, iteration: int) -> float:
+        return self.lrs[min(iteration, len(self.lrs)) - 1]
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     """Held-out evaluation: every `every` iterations of an RL stage, and at the end of every stage."""
 
@@ -233,6 +260,7 @@ class TrainConfig:
     rollout: RolloutConfig = RolloutConfig()
     sft: SftSection = SftSection()
     loop: LoopSection = LoopSection()
+    eto: EtoSection = EtoSection()
     optim: OptimConfig = OptimConfig()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -378,6 +406,21 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: Sequence[str] = (
     return config
 
 
+def _validate_eto(eto: EtoSection) -> None:
+    for key in ("iterations", "epochs", "batch_size"):
+        if getattr(eto, key) < 1:
+            raise ConfigError(f"eto.{key}={getattr(eto, key)} must be >= 1")
+    if not eto.betas or not eto.lrs or min(eto.betas) <= 0 or min(eto.lrs) <= 0:
+        raise ConfigError(f"eto.betas={list(eto.betas)} and eto.lrs={list(eto.lrs)} must be non-empty lists of "
+                          "positive numbers")
+    if not 0.0 <= eto.warmup_fraction < 1.0 or eto.explore_temperature < 0 or eto.explore_tasks < 0:
+        raise ConfigError(f"eto.warmup_fraction={eto.warmup_fraction} must be in [0, 1), eto.explore_temperature="
+                          f"{eto.explore_temperature} and eto.explore_tasks={eto.explore_tasks} >= 0")
+    if eto.extra_turns < -1:
+        raise ConfigError(f"eto.extra_turns={eto.extra_turns} must be >= 0, or -1 to keep failures whole")
+    check_choice(eto.contrast, choices.ETO_CONTRASTS, "eto.contrast", ConfigError)
+
+
 def validate(config: TrainConfig) -> None:
     """Combinations that cannot run."""
     if not config.stages:
@@ -392,7 +435,7 @@ def validate(config: TrainConfig) -> None:
                 "micro_batches"):
         if getattr(loop, key) < 1:
             raise ConfigError(f"loop.{key}={getattr(loop, key)} must be >= 1")
-    rl = [s for s in config.stages if s != "sft"]
+    rl = [s for s in config.stages if s in RL_STAGES]
     if any(s in ("loop", "rloo", "grpo", "ppo") for s in rl) and loop.rollouts_per_task < 2:
         raise ConfigError(f"loop.rollouts_per_task={loop.rollouts_per_task}: {rl[0]} compares rollouts of the same "
                           "task, so it needs at least 2")
@@ -411,6 +454,7 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"sft.{key}={getattr(config.sft, key)} must be >= 1")
     if not 0.0 <= config.sft.mistake_rate <= 1.0:
         raise ConfigError(f"sft.mistake_rate={config.sft.mistake_rate} must be in [0, 1]")
+    _validate_eto(config.eto)
     if "sft" in config.stages and config.stages[0] != "sft":
         raise ConfigError(f"stages={list(config.stages)}: sft must come first (RL stages start from its policy)")
     if config.model.from_scratch and config.lora.enabled:

@@ -197,7 +197,9 @@ def _mesh_text(mesh) -> str:
 
 def _minibatch(config) -> tuple[int, int]:
     """(rows per update step, micro-batches) of the run's RL stage, or of SFT when it has none."""
-    if any(stage != "sft" for stage in config.stages):
+    from jaxagent.config import RL_STAGES
+
+    if any(stage in RL_STAGES for stage in config.stages):
         return config.loop.minibatch_size, config.loop.micro_batches
     return config.sft.batch_size, 1
 
@@ -224,6 +226,7 @@ def _compiled_update(config, model, lora, mesh, rows: int, micro: int):
 
     from jaxagent.algorithms.loop import loss_config
     from jaxagent.algorithms.sft import update_config as sft_update_config
+    from jaxagent.config import RL_STAGES
     from jaxagent.models.transformer import abstract_params
     from jaxagent.sharding import TRAIN_RULES, param_shardings
     from jaxagent.trajectory import SequenceBatch
@@ -236,7 +239,7 @@ def _compiled_update(config, model, lora, mesh, rows: int, micro: int):
         train_state_shardings,
     )
 
-    rl = [stage for stage in config.stages if stage != "sft"]
+    rl = [stage for stage in config.stages if stage in RL_STAGES]
     if rl:
         update_config = UpdateConfig(loss_config(rl[0], config.loop, 1, config.rollout.temperature), config.optim,
                                      micro_batches=micro)

@@ -56,6 +56,39 @@ def test_ablation_configs_run_end_to_end(name, tmp_path):
     assert list(summary["stages"]) == list(load_config(name).stages)
 
 
+ETO_MICRO = ["eto.iterations=2", "eto.explore_tasks=4", "eto.batch_size=4", "eto.epochs=2", "eto.lrs=[1e-3]"]
+
+
+@pytest.mark.slow
+def test_eto_explores_pairs_and_trains_each_iteration_and_resumes_from_its_checkpoint(tmp_path):
+    """`tiny_eto`: SFT, then ETO iterations that explore, pair against the expert, run DPO and evaluate; a run
+    resumed from iteration 1's checkpoint ends with the same parameters and metrics."""
+    config = load_config("tiny_eto", MICRO + ETO_MICRO + [f"run_dir={tmp_path}"])
+    summary = train(config)
+    assert list(summary["stages"]) == ["sft", "eto"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    eto = [r for r in records if r["stage"] == "eto"]
+    assert [(r["iteration"], r["kind"]) for r in eto] == [(1, "train"), (1, "eval"), (2, "train"), (2, "eval")]
+    trained = [r for r in eto if r["kind"] == "train"]
+    assert all(r["explored"] == 4 and r["pairs"] >= 1 and r["updates"] >= 2 for r in trained), trained
+    # A policy is its own reference at an iteration's first step: the DPO loss starts at log 2.
+    assert all(abs(r["dpo_loss_first"] - np.log(2.0)) < 1e-5 for r in trained), trained
+    experts = [json.loads(line) for line in (tmp_path / "eto_experts.jsonl").read_text().splitlines()]
+    assert len(experts) == 4 and all(e["reward"] == 1.0 for e in experts)  # the expert without mistakes
+
+    whole = leaves(tmp_path / "stages" / "eto" / "policy")
+    before = _metrics_without_time(tmp_path)
+    # Back to the end of iteration 1: the stage's results and its second checkpoint removed.
+    import shutil
+
+    shutil.rmtree(tmp_path / "stages" / "eto")
+    shutil.rmtree(tmp_path / "checkpoints" / "eto" / "2")
+    train(config)
+    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(whole, leaves(tmp_path / "stages" / "eto" / "policy"))) == 0.0
+    assert _metrics_without_time(tmp_path) == before
+
+
 @pytest.mark.parametrize("name", list(loop_algorithms.ALGORITHMS))
 def test_each_algorithm_updates_the_policy(name, rollouts):
     setup, policy, config, trajectories = rollouts

@@ -1,4 +1,5 @@
-"""Outer training loops, one per stage kind: `sft` (behaviour cloning) and the policy-gradient family in `loop`.
+"""Outer training loops, one per stage kind: `sft` (behaviour cloning), the policy-gradient family in `loop`, and
+`eto` (explore, pairs against the expert, trajectory DPO).
 
 Adding a stage kind: a module with `run(setup, stage_index, name, policy) -> (policy, eval_stats)`, one entry in
 `STAGE_RUNNERS` and its name in `jaxagent.choices.STAGES`.
@@ -6,10 +7,11 @@ Adding a stage kind: a module with `run(setup, stage_index, name, policy) -> (po
 
 from typing import Callable
 
-from jaxagent.algorithms import loop, sft
+from jaxagent.algorithms import eto, loop, sft
 from jaxagent.errors import lookup
 
-STAGE_RUNNERS: dict[str, Callable] = {"sft": sft.run, **{name: loop.run for name in loop.ALGORITHMS}}
+STAGE_RUNNERS: dict[str, Callable] = {"sft": sft.run, **{name: loop.run for name in loop.ALGORITHMS},
+                                      "eto": eto.run}
 
 
 def get_stage_runner(name: str) -> Callable:
