@@ -41,6 +41,21 @@ def rollout_stats(trajectories: Sequence[Trajectory]) -> dict:
     return stats
 
 
+def best_of_n(trajectories: Sequence[Trajectory]) -> dict:
+    """With N rollouts per task: the mean over tasks of the best rollout's reward and success (ETO's Best-of-N
+    baseline); {} with one rollout per task."""
+    by_task: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        by_task.setdefault(t.task_id, []).append(t)
+    n = max((len(group) for group in by_task.values()), default=0)
+    if n < 2:
+        return {}
+    return {"best_of_n": n,
+            "best_of_n_reward": float(np.mean([max(t.reward for t in group) for group in by_task.values()])),
+            "best_of_n_success": float(np.mean([any(t.info.get("success") for t in group)
+                                                for group in by_task.values()]))}
+
+
 def goal_completion(trajectories: Sequence[Trajectory], scenario_of: Callable[[str], str]) -> dict:
     """AppWorld's TGC and SGC in percent: tasks whose tests all pass, and scenarios whose tasks all pass.
 
@@ -174,9 +189,12 @@ def final_table(stage_results: dict[str, dict]) -> str:
     goals = all("tgc" in r for r in stage_results.values()) and bool(stage_results)  # AppWorld: TGC and SGC too
     header = f"{'stage':<10} {'episodes':>8} {'success':>8} {'reward':>8} {'turns':>6} {'docs':>5} {'dummy':>6} " \
              f"{'give-up':>7}" + (f" {'TGC':>6} {'SGC':>6}" if goals else "")
+    best = all("best_of_n" in r for r in stage_results.values()) and bool(stage_results)
+    header += f" {'best-of-N reward':>16}" if best else ""
     lines = [header, "-" * len(header)]
     for stage, r in stage_results.items():
         lines.append(f"{stage:<10} {r['episodes']:>8d} {r['success']:>8.3f} {r['reward']:>8.3f} {r['turns']:>6.2f} "
                      f"{r['doc_lookups']:>5.2f} {r['placeholder_values']:>6.3f} {r['gives_up_after_error']:>7.3f}"
-                     + (f" {r['tgc']:>6.1f} {r['sgc']:>6.1f}" if goals else ""))
+                     + (f" {r['tgc']:>6.1f} {r['sgc']:>6.1f}" if goals else "")
+                     + (f" {r['best_of_n_reward']:>12.3f} (N={r['best_of_n']})" if best else ""))
     return "\n".join(lines)

@@ -89,6 +89,58 @@ def test_eto_explores_pairs_and_trains_each_iteration_and_resumes_from_its_check
     assert _metrics_without_time(tmp_path) == before
 
 
+def _untrained_apptown_model(folder):
+    """A tiny random Qwen2 with a tokenizer trained on AppTown text, saved as a Hugging Face model folder."""
+    import torch
+    import transformers
+
+    from jaxagent.envs.apptown.env import SYSTEM_PROMPT
+    from jaxagent.envs.apptown.tasks import expert_turns, make_task, split_tasks
+    from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
+
+    tasks = [make_task(t) for t in split_tasks("train")[:40]]
+    tokenizer = train_tokenizer([SYSTEM_PROMPT] + [t.instruction + "\n" + "\n".join(expert_turns(t)) for t in tasks],
+                                vocab_size=512)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      tie_word_embeddings=True, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
+def test_best_of_n_takes_each_tasks_best_rollout():
+    from jaxagent.metrics import best_of_n, final_table, rollout_stats
+    from jaxagent.trajectory import Trajectory
+
+    def rollout(task, reward):
+        mask = np.array([0, 1], np.int8)
+        return Trajectory(np.array([1, 2], np.int32), mask, np.zeros(2, np.float32), np.array([-1, 0], np.int32),
+                          reward, 0, 0, task, {"success": reward == 1.0})
+
+    rollouts = [rollout("a", 0.2), rollout("a", 1.0), rollout("a", 0.0), rollout("b", 0.3), rollout("b", 0.1),
+                rollout("b", 0.0)]
+    assert best_of_n(rollouts) == {"best_of_n": 3, "best_of_n_reward": pytest.approx((1.0 + 0.3) / 2),
+                                   "best_of_n_success": 0.5}
+    assert best_of_n(rollouts[::3]) == {}  # one rollout per task: nothing to pick from
+    table = final_table({"zero-shot": {**rollout_stats(rollouts), **best_of_n(rollouts)}})
+    assert "best-of-N reward" in table and "0.650 (N=3)" in table
+
+
+def test_evaluate_scores_a_model_folder_untrained_with_best_of_n(tmp_path):
+    from jaxagent.evaluate import evaluate_model, main
+
+    folder = _untrained_apptown_model(tmp_path / "model")
+    settings = ["progress=false", "eval.tasks=3", "eval.rollouts_per_task=3", "rollout.max_turns=2",
+                "rollout.max_tokens_per_turn=16", "rollout.max_context=1024", "rollout.max_concurrent=9"]
+    stats, _ = evaluate_model(folder, "tiny", settings)
+    assert stats["episodes"] == 9 and stats["best_of_n"] == 3
+    assert stats["reward"] <= stats["best_of_n_reward"] <= 1.0 and stats["success"] <= stats["best_of_n_success"]
+    with pytest.raises(Exception, match="--model needs --config NAME"):
+        main(["--model", str(folder)])
+
+
 @pytest.mark.parametrize("name", list(loop_algorithms.ALGORITHMS))
 def test_each_algorithm_updates_the_policy(name, rollouts):
     setup, policy, config, trajectories = rollouts

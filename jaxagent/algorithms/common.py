@@ -20,7 +20,7 @@ from jaxagent.checkpoint import StageCheckpoints
 from jaxagent.config import RolloutConfig, TrainConfig
 from jaxagent.envs.base import Environment
 from jaxagent.envs.registry import get_spec, list_tasks
-from jaxagent.metrics import MetricsLog, goal_completion, rollout_stats
+from jaxagent.metrics import MetricsLog, best_of_n, goal_completion, rollout_stats
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
 from jaxagent.placement import Placement
@@ -119,7 +119,7 @@ def evaluate(setup: Setup, policy: PolicyParams, seed: int, split: str | None = 
                                   early_stop_fraction=0.0)
     trajectories = collect_groups(setup, policy, eval_tasks(setup, split), config.eval.rollouts_per_task, rollout,
                                   jax.random.key(seed))
-    stats = rollout_stats(trajectories)
+    stats = {**rollout_stats(trajectories), **best_of_n(trajectories)}  # the mean, and the best of N per task
     scenario = get_spec(config.env.name).scenario
     if scenario is not None:  # AppWorld reports TGC and SGC
         stats.update(goal_completion(trajectories, scenario))
