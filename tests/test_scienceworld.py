@@ -86,3 +86,59 @@ def test_missing_java_says_how_to_install_it(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(EnvError, match="apt-get install -y default-jre-headless"):
         require_java()
+
+
+def _tiny_scienceworld_llama(folder):
+    """A tiny random Llama with a tokenizer trained on ScienceWorld text, saved as a Hugging Face model folder."""
+    import torch
+    import transformers
+
+    from jaxagent.envs.scienceworld import SYSTEM_PROMPT
+    from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
+
+    texts = [SYSTEM_PROMPT]
+    for task in ("boil/0", "find-animal/0", "chemistry-mix/0"):
+        env = ScienceWorldEnv(task)
+        try:
+            texts += [m["content"] for m in env.reset()] + env.gold_turns()
+        finally:
+            env.close()
+    tokenizer = train_tokenizer(texts * 3, vocab_size=1024)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=16384)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_the_eto_scienceworld_config_runs_a_short_iteration_and_evaluates_seen_and_unseen(tmp_path):
+    """`eto_scienceworld_llama2_7b` with a tiny model: SFT on gold paths, one ETO iteration (explore two training
+    variations, pairs against their gold paths, DPO), evaluation on unseen (test) variations, then seen (dev) ones
+    by `jaxagent.evaluate --split dev`."""
+    import json
+    import subprocess
+    import sys
+
+    require_java()
+    model, run = _tiny_scienceworld_llama(tmp_path / "model"), tmp_path / "run"
+    small = [f"model.path={model}", "model.dtype=float32", "model.remat=none", "progress=false", f"run_dir={run}",
+             "sft.demos=2", "sft.epochs=1", "sft.batch_size=2", "sft.optim.total_steps=1", "sft.optim.warmup_steps=0",
+             "sft.log_every=1", "eto.iterations=1", "eto.explore_tasks=2", "eto.batch_size=2", "eto.epochs=1",
+             "rollout.max_turns=2", "rollout.max_tokens_per_turn=16", "rollout.max_context=8192",
+             "rollout.max_concurrent=2", "rollout.env_workers=2", "eval.tasks=2"]
+    done = subprocess.run([sys.executable, "-m", "jaxagent.train", "--config", "eto_scienceworld_llama2_7b", *small],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (trained,) = [r for r in records if r["stage"] == "eto" and r["kind"] == "train"]
+    # A random policy scores less than the gold path on both variations: two pairs, the expert chosen in each.
+    assert trained["explored"] == 2 and trained["pairs"] == 2 and trained["chosen_is_expert"] == 1.0, trained
+    assert abs(trained["dpo_loss_first"] - 0.6931472) < 1e-4 and trained["updates"] == 1
+    unseen = [r for r in records if r["stage"] == "eto" and r["kind"] == "eval"][-1]
+    assert unseen["episodes"] == 2
+    seen = subprocess.run([sys.executable, "-m", "jaxagent.evaluate", "--run", str(run), "--split", "dev"],
+                          capture_output=True, text=True, timeout=600)
+    assert seen.returncode == 0 and "split dev" in seen.stdout and "eto" in seen.stdout, seen.stderr[-2000:]

@@ -45,8 +45,10 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
         policy.trainable(), update_config(eto, 1, 1)), frozen)
     loop = IterationLoop(setup, stage_index, name, eto.iterations, checkpoint_every=1)
     state, _, start = loop.resume(fresh)
-    logprobs = LogprobComputer(setup.model, setup.lora, config.rollout.temperature, place=setup.placement.batch,
-                               fetch=setup.placement.fetch)
+    # The reference's log-probs at the loss's temperature (1: the model's own distribution), whatever temperature
+    # the rollouts were sampled at (greedy exploration would otherwise divide by zero).
+    logprobs = LogprobComputer(setup.model, setup.lora, update_config(eto, 1, 1).loss.temperature,
+                               place=setup.placement.batch, fetch=setup.placement.fetch)
     try:
         for iteration in loop.progress(start):
             current = PolicyParams.from_state(state, frozen)
