@@ -64,6 +64,24 @@ def build_hf_model(folder: Path, family: str, seed: int = 0, num_layers: int = 2
     return model
 
 
+def tiny_pretrained(folder: Path, texts: list[str], vocab_size: int = 1024, family: str = "Qwen2", **shape) -> Path:
+    """A tiny random decoder of `family` with a tokenizer trained on `texts`, saved as a Hugging Face model folder
+    (what a pretrained model's folder holds, at test size)."""
+    import torch
+    import transformers
+
+    from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
+
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=4096) | shape
+    config = getattr(transformers, f"{family}Config")(vocab_size=len(tokenizer), **sizes)
+    torch.manual_seed(0)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     """Folder of a saved tiny random model for every family in FAMILIES."""

@@ -25,7 +25,7 @@ from jaxagent.envs.base import ENV_ERROR, EnvError
 from jaxagent.envs.registry import list_tasks
 from jaxagent.metrics import goal_completion
 
-from conftest import FAST_COMPILE_FLAGS, RUNTIME_FLAGS
+from conftest import FAST_COMPILE_FLAGS, RUNTIME_FLAGS, tiny_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,22 +125,12 @@ def test_splits_goal_completion_and_bad_options(home, monkeypatch):
 
 def _tiny_pretrained(folder: Path) -> Path:
     """A tiny random Qwen2 with a tokenizer trained on AppWorld text, saved as a Hugging Face model folder."""
-    import torch
-    import transformers
-
     from jaxagent.envs.appworld.prompt import EXAMPLE, SYSTEM_PROMPT
-    from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
 
     texts = [SYSTEM_PROMPT, EXAMPLE] + [t.instruction for t in TASKS] + [c for t in TASKS for c in t.solution]
     # A vocabulary as large as the corpus allows: AppWorld's prompt in ~800 tokens, not ~1,400, halves every shape.
-    tokenizer = train_tokenizer(texts, vocab_size=1024)
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=True, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(str(folder))
-    save_tokenizer(tokenizer, folder)
-    return folder
+    return tiny_pretrained(folder, texts, vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 
 
 def test_loop_qwen7b_runs_a_short_loop_stage_on_the_offline_tasks(home, tmp_path):

@@ -100,7 +100,8 @@ def test_dpo_starts_at_log_2_against_the_iterations_start_policy_with_the_closed
         _, adapters = init_params(model, jax.random.key(5), lora)
         leaves, tree = jax.tree.flatten(adapters)
         keys = jax.random.split(jax.random.key(6), len(leaves))
-        adapters = jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+        adapters = jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                             for k, x in zip(keys, leaves)])
         trainable, frozen = {"lora": adapters}, {"params": policy.params}
     pairs = _policy_pairs(rollouts)
     assert len(pairs) == 4

@@ -16,6 +16,8 @@ from jaxagent.envs.scienceworld import (
     split_tasks,
 )
 
+from conftest import tiny_pretrained
+
 SAMPLE = ["boil", "chemistry-mix", "find-animal", "grow-plant", "measure-melting-point-known-substance",
           "use-thermometer", "identify-life-stages-1", "test-conductivity"]
 
@@ -90,37 +92,26 @@ def test_missing_java_says_how_to_install_it(monkeypatch):
 
 def _tiny_scienceworld_llama(folder):
     """A tiny random Llama with a tokenizer trained on ScienceWorld text, saved as a Hugging Face model folder."""
-    import torch
-    import transformers
-
     from jaxagent.envs.scienceworld import SYSTEM_PROMPT
-    from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
 
-    texts = [SYSTEM_PROMPT]
-    for task in ("boil/0", "find-animal/0", "chemistry-mix/0"):
-        env = ScienceWorldEnv(task)
-        try:
-            texts += [m["content"] for m in env.reset()] + env.gold_turns()
-        finally:
-            env.close()
-    tokenizer = train_tokenizer(texts * 3, vocab_size=1024)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      max_position_embeddings=16384)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
-    save_tokenizer(tokenizer, folder)
-    return folder
+    env = ScienceWorldEnv("boil/0")
+    try:
+        texts = [SYSTEM_PROMPT] + [m["content"] for m in env.reset()] + env.gold_turns()
+    finally:
+        env.close()
+    return tiny_pretrained(folder, texts * 3, vocab_size=1024, family="Llama", max_position_embeddings=16384)
 
 
 @pytest.mark.slow
 def test_the_eto_scienceworld_config_runs_a_short_iteration_and_evaluates_seen_and_unseen(tmp_path):
     """`eto_scienceworld_llama2_7b` with a tiny model: SFT on gold paths, one ETO iteration (explore two training
     variations, pairs against their gold paths, DPO), evaluation on unseen (test) variations, then seen (dev) ones
-    by `jaxagent.evaluate --split dev`."""
+    as `jaxagent.evaluate --split dev` does."""
     import json
     import subprocess
     import sys
+
+    from jaxagent.evaluate import evaluate_run
 
     require_java()
     model, run = _tiny_scienceworld_llama(tmp_path / "model"), tmp_path / "run"
@@ -139,6 +130,5 @@ def test_the_eto_scienceworld_config_runs_a_short_iteration_and_evaluates_seen_a
     assert abs(trained["dpo_loss_first"] - 0.6931472) < 1e-4 and trained["updates"] == 1
     unseen = [r for r in records if r["stage"] == "eto" and r["kind"] == "eval"][-1]
     assert unseen["episodes"] == 2
-    seen = subprocess.run([sys.executable, "-m", "jaxagent.evaluate", "--run", str(run), "--split", "dev"],
-                          capture_output=True, text=True, timeout=600)
-    assert seen.returncode == 0 and "split dev" in seen.stdout and "eto" in seen.stdout, seen.stderr[-2000:]
+    seen = evaluate_run(run, "dev", ["eto"])["eto"]  # `python -m jaxagent.evaluate --run DIR --split dev`
+    assert seen["episodes"] == 2 and 0.0 <= seen["reward"] <= 1.0

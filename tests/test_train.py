@@ -22,7 +22,7 @@ from jaxagent.evaluate import evaluate_run
 from jaxagent.train import train
 from jaxagent.update import UpdateConfig, init_train_state, make_update_step
 
-from conftest import MICRO, micro_train_command
+from conftest import MICRO, micro_train_command, tiny_pretrained
 
 
 def leaves(folder):
@@ -91,23 +91,12 @@ def test_eto_explores_pairs_and_trains_each_iteration_and_resumes_from_its_check
 
 def _untrained_apptown_model(folder):
     """A tiny random Qwen2 with a tokenizer trained on AppTown text, saved as a Hugging Face model folder."""
-    import torch
-    import transformers
-
     from jaxagent.envs.apptown.env import SYSTEM_PROMPT
     from jaxagent.envs.apptown.tasks import expert_turns, make_task, split_tasks
-    from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
 
     tasks = [make_task(t) for t in split_tasks("train")[:40]]
-    tokenizer = train_tokenizer([SYSTEM_PROMPT] + [t.instruction + "\n" + "\n".join(expert_turns(t)) for t in tasks],
-                                vocab_size=512)
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      tie_word_embeddings=True, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(str(folder))
-    save_tokenizer(tokenizer, folder)
-    return folder
+    texts = [SYSTEM_PROMPT] + [t.instruction + "\n" + "\n".join(expert_turns(t)) for t in tasks]
+    return tiny_pretrained(folder, texts, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=2048)
 
 
 def test_best_of_n_takes_each_tasks_best_rollout():
