@@ -57,6 +57,21 @@ def test_plan_of_a_sharded_lora_run_counts_each_part_per_device_and_exits_by_the
     assert code == 1 and not small["fits"] and "does NOT fit" in out
 
 
+@pytest.mark.slow
+def test_plan_under_a_kv_budget_compiles_its_extreme_caches_and_refuses_one_below_an_episode(tmp_path, hf_models):
+    config = _config(tmp_path, hf_models["qwen2_untied"])
+    budget = 1e-4  # GiB per device: 2 whole-context rows of 256 slots, or all 8 rows at 64 slots
+    code, out, report = _plan("--config", config, f"rollout.kv_cache_gb={budget}", "--devices", "8",
+                              "--device-memory", "1", "--devices-per-host", "4")
+    assert code == 0 and report["kv_budget_gib"] == pytest.approx(budget, rel=1e-4), out[-2000:]
+    assert report["decode_shapes"] == [[2, 256], [8, 64]]
+    assert 0 < report["phase_bytes"]["decoding"]["KV cache"] <= budget * 2**30
+    assert report["largest_concurrent_episodes"] == 8 and "2 at 256 tokens each; all 8 while each holds up to 64" in out
+    code, out, _ = _plan("--config", config, "rollout.kv_cache_gb=1e-6", "--devices", "8", "--device-memory", "1",
+                         "--devices-per-host", "4")
+    assert code != 0 and "cannot hold one episode of 256 tokens" in out
+
+
 def test_built_in_shapes_stand_in_for_absent_weights(monkeypatch):
     monkeypatch.delenv("JAXAGENT_MODEL_DIR", raising=False)
     model = model_shapes(load_config("loop_qwen32b"))

@@ -41,23 +41,23 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
     tasks = explored_tasks(setup)
     experts = {t.task_id: t for t in expert_records(setup, tasks)}
     frozen = policy.frozen()
-    _, fresh = setup.placement.update_step(update_config(eto, 1, 1), init_train_state(
-        policy.trainable(), update_config(eto, 1, 1)), frozen)
+    first = update_config(eto, 1, 1)  # every iteration's train state has this shape (a fresh AdamW each time)
+    _, fresh = setup.placement.update_step(first, init_train_state(policy.trainable(), first), frozen)
     loop = IterationLoop(setup, stage_index, name, eto.iterations, checkpoint_every=1)
     state, _, start = loop.resume(fresh)
     # The reference's log-probs at the loss's temperature (1: the model's own distribution), whatever temperature
     # the rollouts were sampled at (greedy exploration would otherwise divide by zero).
-    logprobs = LogprobComputer(setup.model, setup.lora, update_config(eto, 1, 1).loss.temperature,
-                               place=setup.placement.batch, fetch=setup.placement.fetch)
+    logprobs = LogprobComputer(setup.model, setup.lora, first.loss.temperature, place=setup.placement.batch,
+                               fetch=setup.placement.fetch)
     try:
         for iteration in loop.progress(start):
             current = PolicyParams.from_state(state, frozen)
             explored = collect_groups(setup, current, tasks, 1, explore_settings(config),
                                       jax.random.fold_in(jax.random.key(config.seed), 1000 * stage_index + iteration))
             pairs = eto_pairs(explored, experts, None if eto.extra_turns < 0 else eto.extra_turns)
-            stats = {**pair_stats(pairs, len(explored)), **{f"explore_{k}": v for k, v in
-                                                            rollout_stats(explored).items() if k in ("reward",
-                                                                                                     "success")}}
+            explore = rollout_stats(explored)
+            stats = {**pair_stats(pairs, len(explored)), "explore_reward": explore["reward"],
+                     "explore_success": explore["success"]}
             if pairs:
                 state, dpo = _dpo(setup, state, frozen, pairs, iteration, logprobs)
                 stats.update(dpo)
