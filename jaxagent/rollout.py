@@ -209,8 +209,7 @@ class _Engine:
                 return self._need(episode, 0, len(prompts[episode.row]))
             return self._need(episode, int(lengths[episode.row]), len(chunks.get(episode.row, ())))
 
-        candidates = sorted([e for e in rows if e is not None and e.outcome is None] + list(self.parked),
-                            key=lambda e: e.order)
+        candidates = sorted(_live(rows) + list(self.parked), key=lambda e: e.order)
         kept, slots = self._first_that_fit(candidates, need)
         starting = []
         while (pending and len(kept) == len(candidates) and len(kept) + len(starting) < self.config.max_concurrent
@@ -224,7 +223,7 @@ class _Engine:
         def need(episode: _Episode) -> int:
             return self._need(episode, int(batch.lengths[episode.row]), 0)
 
-        candidates = sorted([e for e in rows if e is not None and e.outcome is None], key=lambda e: e.order)
+        candidates = sorted(_live(rows), key=lambda e: e.order)
         kept, slots = self._first_that_fit(candidates, need)
         batch, rows, _, _ = self._arrange(batch, rows, kept, [], slots, {}, {})
         return batch, rows
@@ -258,7 +257,7 @@ class _Engine:
     def _arrange(self, batch, rows, kept, starting, slots, prompts, chunks):
         """Give `kept` and the new `starting` episodes rows in a cache of `slots` slots; park the other live ones.
         In place when the current rows have room, else by moving the kept rows into a new batch."""
-        live = [e for e in rows if e is not None and e.outcome is None]
+        live = _live(rows)
         kept_ids = {id(e) for e in kept}
         parked_now = [e for e in live if id(e) not in kept_ids]
         joining = [e for e in kept if e.row < 0]  # parked earlier, rejoining
@@ -276,7 +275,7 @@ class _Engine:
                          episode.rollout_index, episode.synced)
                 episode.row = -1
                 self.parked.append(episode)
-            staying = [e for e in rows if e is not None and e.outcome is None and id(e) in kept_ids]
+            staying = [e for e in live if id(e) in kept_ids]
             wanted = len(staying) + len(joining) + len(starting)
             if not wanted:
                 return batch, rows, prompts, chunks
@@ -285,7 +284,7 @@ class _Engine:
             if batch is None:
                 batch = self.sampler.empty(size, slots)
             else:
-                batch = self.sampler.relayout(batch, layout, max(slots, self.sampler.slots_for(0, 1)))
+                batch = self.sampler.relayout(batch, layout, slots)
             moved = {e.row: new for new, e in enumerate(staying)}
             prompts = {moved[r]: p for r, p in prompts.items() if r in moved}
             chunks = {moved[r]: c for r, c in chunks.items() if r in moved}
@@ -472,6 +471,11 @@ class _Engine:
         return Trajectory(ids, mask, logprobs, turn_indices(mask), float(np.clip(episode.outcome.reward, 0.0, 1.0)),
                           episode.group_id, episode.rollout_index, episode.task_id, info,
                           tuple(conversation.messages))
+
+
+def _live(rows: list[_Episode | None]) -> list[_Episode]:
+    """The episodes in `rows` that are still running, in row order."""
+    return [e for e in rows if e is not None and e.outcome is None]
 
 
 def _wait_any(futures: list[Future], timeout: float) -> None:
