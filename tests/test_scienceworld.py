@@ -6,7 +6,9 @@ import pytest
 
 from jaxagent.envs.base import EnvError
 from jaxagent.envs.scienceworld import (
+    ETO_STEP_LIMITS,
     SIMPLIFICATION,
+    SPEC,
     JvmPool,
     ScienceWorldEnv,
     game_reset,
@@ -84,6 +86,37 @@ def test_splits_and_ids():
         split_tasks("valid")
 
 
+def test_seen_and_unseen_name_dev_and_test_and_the_eto_protocol_keeps_its_24_types_in_turn():
+    assert split_tasks("seen") == split_tasks("dev") and split_tasks("unseen") == split_tasks("test")
+    types = lambda tasks: [parse_task_id(t)[0] for t in tasks]  # noqa: E731
+    unseen = split_tasks("unseen", "eto")
+    assert set(types(unseen)) == set(ETO_STEP_LIMITS) and len(ETO_STEP_LIMITS) == 24
+    assert set(unseen) < set(split_tasks("test")) and "inclined-plane-determine-angle" in types(split_tasks("test"))
+    # Types taken in turn: the first 24 tasks are one of each, so `eval.tasks: N` is an even sample.
+    assert sorted(types(unseen[:24])) == sorted(ETO_STEP_LIMITS)
+    with pytest.raises(EnvError, match="protocol='paper' is not a ScienceWorld protocol; valid: package, eto"):
+        split_tasks("test", "paper")
+    with pytest.raises(EnvError, match="unknown ScienceWorld option.s. steps in env.options; valid: protocol"):
+        SPEC.tasks("test", {"steps": 3})
+    with pytest.raises(EnvError, match="'inclined-plane-determine-angle/0' is not one of the 24 types"):
+        ScienceWorldEnv("inclined-plane-determine-angle/0", protocol="eto")
+
+
+def test_the_eto_protocol_ends_episodes_at_the_types_step_limit_but_lets_the_expert_finish(pool):
+    task = next(t for t in split_tasks("test", "eto") if t.startswith("lifespan-longest-lived/"))
+    for protocol, limit in (("eto", ETO_STEP_LIMITS["lifespan-longest-lived"]), ("package", 50)):
+        env = ScienceWorldEnv(task, pool=pool, protocol=protocol)
+        env.reset()
+        ends = [env.step("Thought: look.\nAction: look around").done for _ in range(limit)]
+        env.close()
+        assert ends == [False] * (limit - 1) + [True], (protocol, ends)
+    env = ScienceWorldEnv("boil/0", pool=pool, protocol="eto")
+    env.reset()
+    gold = env.gold_turns()
+    assert len(gold) > 0 and env._current().step_limit == max(ETO_STEP_LIMITS["boil"], len(gold))
+    env.close()
+
+
 def test_missing_java_says_how_to_install_it(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(EnvError, match="apt-get install -y default-jre-headless"):
@@ -106,7 +139,7 @@ def _tiny_scienceworld_llama(folder):
 def test_the_eto_scienceworld_config_runs_a_short_iteration_and_evaluates_seen_and_unseen(tmp_path):
     """`eto_scienceworld_llama2_7b` with a tiny model: SFT on gold paths, one ETO iteration (explore two training
     variations, pairs against their gold paths, DPO), evaluation on unseen (test) variations, then seen (dev) ones
-    as `jaxagent.evaluate --split dev` does."""
+    as `jaxagent.evaluate --split seen` does."""
     import json
     import subprocess
     import sys
@@ -130,5 +163,5 @@ def test_the_eto_scienceworld_config_runs_a_short_iteration_and_evaluates_seen_a
     assert abs(trained["dpo_loss_first"] - 0.6931472) < 1e-4 and trained["updates"] == 1
     unseen = [r for r in records if r["stage"] == "eto" and r["kind"] == "eval"][-1]
     assert unseen["episodes"] == 2
-    seen = evaluate_run(run, "dev", ["eto"])["eto"]  # `python -m jaxagent.evaluate --run DIR --split dev`
+    seen = evaluate_run(run, "seen", ["eto"])["eto"]  # `python -m jaxagent.evaluate --run DIR --split seen`
     assert seen["episodes"] == 2 and 0.0 <= seen["reward"] <= 1.0

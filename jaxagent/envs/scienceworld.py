@@ -1,17 +1,25 @@
 """ScienceWorld through the `scienceworld` package (its Java server runs in a JVM; Java >= 8 must be installed).
 
-Task ids are "<task name>/<variation>"; the splits are the package's own train/dev/test variations. The agent
-answers in ETO's format, "Thought: ...\\nAction: <action>", and the action is the text after the last "Action:".
-The reward is the maximum score seen in the episode / 100 (ETO's definition: a later failure does not erase
-progress). Episodes end when the game says so or at the step limit (50, or twice the gold path when the expert is
-used). The gold action sequences are the expert
-trajectories. JVMs are expensive (~0.7 s to start, hundreds of MB), so episodes borrow them from a `JvmPool`; a
-JVM that dies is replaced and the episode's actions are replayed on the new one.
+Task ids are "<task name>/<variation>"; the splits are the package's own train/dev/test variations, and `seen` /
+`unseen` name dev / test as ETO's paper does. The agent answers in ETO's format, "Thought: ...\\nAction: <action>",
+and the action is the text after the last "Action:". The reward is the maximum score seen in the episode / 100
+(ETO's definition: a later failure does not erase progress). The gold action sequences are the expert trajectories.
+
+Two protocols (`env.options.protocol`):
+* `package` (default): all 30 task types; an episode ends when the game says so or after 50 actions (twice the gold
+  path's length when the expert plays, so that it can finish).
+* `eto`: ETO's evaluation (arXiv 2403.02502): the 24 task types it measured (the three inclined-plane types, the two
+  Mendelian-genetics types and measuring the melting point of an unknown substance are left out, in every split)
+  and its per-type action limits (`ETO_STEP_LIMITS`; the expert may take as many as its gold path has).
+
+JVMs are expensive (~0.7 s to start, hundreds of MB), so episodes borrow them from a `JvmPool`; a JVM that dies is
+replaced and the episode's actions are replayed on the new one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import queue
@@ -34,6 +42,20 @@ SYSTEM_PROMPT = (
     "pick up OBJ, put OBJ in OBJ, move OBJ to OBJ, activate OBJ, deactivate OBJ, use OBJ on OBJ, pour OBJ in OBJ, "
     "mix OBJ, focus on OBJ, look at OBJ, read OBJ, connect OBJ to OBJ, wait, wait1."
 )
+# ETO's 24 task types and the actions an episode of each may take.
+ETO_STEP_LIMITS = {
+    "boil": 100, "melt": 80, "freeze": 80, "change-the-state-of-matter-of": 80,
+    "use-thermometer": 30, "measure-melting-point-known-substance": 120,
+    "power-component": 20, "power-component-renewable-vs-nonrenewable-energy": 30,
+    "test-conductivity": 30, "test-conductivity-of-unknown-substances": 30,
+    "find-living-thing": 15, "find-non-living-thing": 15, "find-plant": 15, "find-animal": 15,
+    "grow-plant": 30, "grow-fruit": 60,
+    "chemistry-mix": 60, "chemistry-mix-paint-secondary-color": 15, "chemistry-mix-paint-tertiary-color": 30,
+    "lifespan-longest-lived": 10, "lifespan-shortest-lived": 10, "lifespan-longest-lived-then-shortest-lived": 12,
+    "identify-life-stages-1": 30, "identify-life-stages-2": 30,
+}
+PROTOCOLS = ("package", "eto")
+SPLIT_NAMES = {"train": "train", "dev": "dev", "test": "test", "seen": "dev", "unseen": "test"}
 NO_ACTION = "No action found. End your reply with a line 'Action: <one action>'."
 
 
@@ -151,11 +173,30 @@ def _variations() -> dict[str, dict[str, list[int]]]:
         jvm.close()
 
 
-def split_tasks(split: str) -> list[str]:
-    """Every "<task>/<variation>" of a split."""
-    if split not in ("train", "dev", "test"):
-        raise EnvError(f"unknown ScienceWorld split {split!r}; valid: train, dev, test")
-    return [f"{name}/{v}" for name, splits in _variations().items() for v in splits[split]]
+def check_protocol(protocol: str) -> str:
+    """`protocol`, or a one-line error naming the valid ones."""
+    if protocol not in PROTOCOLS:
+        raise EnvError(f"env.options.protocol={protocol!r} is not a ScienceWorld protocol; valid: "
+                       f"{', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def split_tasks(split: str, protocol: str = "package") -> list[str]:
+    """Every "<task>/<variation>" of a split (under `eto`, of its 24 task types only), taking the task types in
+    turn: the first N tasks (`eval.tasks`, `sft.demos`) cover every type evenly, not the first type's variations."""
+    if split not in SPLIT_NAMES:
+        raise EnvError(f"unknown ScienceWorld split {split!r}; valid: {', '.join(SPLIT_NAMES)}")
+    keep = ETO_STEP_LIMITS if check_protocol(protocol) == "eto" else None
+    per_type = [[f"{name}/{v}" for v in splits[SPLIT_NAMES[split]]]
+                for name, splits in _variations().items() if keep is None or name in keep]
+    return [task for turn in itertools.zip_longest(*per_type) for task in turn if task is not None]
+
+
+def _tasks(split: str, options: dict) -> list[str]:
+    unknown = set(options) - {"protocol"}
+    if unknown:
+        raise EnvError(f"unknown ScienceWorld option(s) {', '.join(sorted(unknown))} in env.options; valid: protocol")
+    return split_tasks(split, options.get("protocol", "package"))
 
 
 def parse_task_id(task_id: str) -> tuple[str, int]:
@@ -179,10 +220,14 @@ class _Episode:
 class ScienceWorldEnv:
     """One ScienceWorld episode (jaxagent's wrapper; the package's class of the same name is the game)."""
 
-    def __init__(self, task_id: str, seed: int = 0, pool: JvmPool | None = None, step_limit: int | None = None
-                 ) -> None:
+    def __init__(self, task_id: str, seed: int = 0, pool: JvmPool | None = None, step_limit: int | None = None,
+                 protocol: str = "package") -> None:
         self.task_id, self.seed = task_id, seed
         self.task_name, self.variation = parse_task_id(task_id)
+        self.protocol = check_protocol(protocol)
+        if protocol == "eto" and self.task_name not in ETO_STEP_LIMITS:
+            raise EnvError(f"ScienceWorld task {task_id!r} is not one of the 24 types of protocol 'eto'; use one of "
+                           f"{', '.join(ETO_STEP_LIMITS)}, or protocol 'package'")
         self._pool, self._own_pool = (pool, False) if pool is not None else (JvmPool(1), True)
         self._step_limit = step_limit
         self._episode: _Episode | None = None
@@ -192,7 +237,7 @@ class ScienceWorldEnv:
         self._release()
         jvm = self._pool.acquire()
         observation = self._load(jvm)
-        self._episode = _Episode(jvm, [], 0.0, 0, self._step_limit or DEFAULT_STEP_LIMIT, None)
+        self._episode = _Episode(jvm, [], 0.0, 0, self._step_limit or self._protocol_limit(), None)
         task = jvm.get_task_description()
         return [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": f"{task}\n\n{observation}"}]
@@ -238,7 +283,8 @@ class ScienceWorldEnv:
             self._load(episode.jvm, gold=True)
             episode.gold = list(episode.jvm.get_gold_action_sequence())
             if self._step_limit is None:
-                episode.step_limit = max(DEFAULT_STEP_LIMIT, 2 * len(episode.gold))
+                room = len(episode.gold) if self.protocol == "eto" else 2 * len(episode.gold)
+                episode.step_limit = max(self._protocol_limit(), room)
         return [f"Thought: The next step of the experiment is to {action}.\nAction: {action}"
                 for action in episode.gold]
 
@@ -255,6 +301,9 @@ class ScienceWorldEnv:
             self._pool.close()
 
     # ---- internals ---------------------------------------------------------------------------------------------
+
+    def _protocol_limit(self) -> int:
+        return ETO_STEP_LIMITS[self.task_name] if self.protocol == "eto" else DEFAULT_STEP_LIMIT
 
     def _load(self, jvm: Any, gold: bool = False) -> str:
         jvm.load(self.task_name, self.variation, SIMPLIFICATION, generateGoldPath=gold)
@@ -290,4 +339,4 @@ class ScienceWorldEnv:
             self._episode = None
 
 
-SPEC = EnvSpec(name="scienceworld", make=ScienceWorldEnv, tasks=lambda split, options: split_tasks(split))
+SPEC = EnvSpec(name="scienceworld", make=ScienceWorldEnv, tasks=_tasks, splits=tuple(SPLIT_NAMES))
