@@ -140,17 +140,17 @@ def test_loop_qwen7b_runs_a_short_loop_stage_on_the_offline_tasks(home, tmp_path
                  "env.options.data=offline", f"env.options.home={home.path}", "env.options.servers=2",
                  "rollout.max_context=2048", "rollout.max_tokens_per_turn=16", "rollout.max_turns=2",
                  "rollout.max_concurrent=2", "rollout.env_workers=2", "rollout.decode_chunk=16",
-                 "loop.iterations=2", "loop.tasks_per_iteration=2", "loop.rollouts_per_task=2",
+                 "loop.iterations=1", "loop.tasks_per_iteration=2", "loop.rollouts_per_task=2",
                  "loop.minibatch_size=4", "loop.micro_batches=1",
                  "loop.min_abs_advantage=0.0",  # a random policy ties every group; keep them so the update runs
-                 "eval.every=2", "eval.tasks=3", "checkpoint.every=1", f"run_dir={run}"]
+                 "eval.tasks=3", "checkpoint.every=1", f"run_dir={run}"]
     result = subprocess.run([sys.executable, "-m", "jaxagent.train", "--config", "loop_qwen7b", *overrides],
                             capture_output=True, text=True, timeout=600, cwd=REPO, env=runtime_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TGC" in result.stdout and "SGC" in result.stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    assert [r["iteration"] for r in train] == [1, 2]
+    assert [r["iteration"] for r in train] == [1]
     assert all(r["episodes"] == 4 and r["updates"] >= 1 for r in train)
     evals = [r for r in records if r["kind"] == "eval"]  # the paper's evaluation: greedy, 2 rollouts per task
     assert evals and evals[-1]["episodes"] == 3 * 2 and "tgc" in evals[-1]
@@ -170,7 +170,7 @@ def test_a_server_killed_during_collection_ends_one_episode_and_the_round_goes_o
     folder = _tiny_pretrained(tmp_path / "model")
     model, params = load_hf_params(folder, dtype="float32", param_dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    pool = ServerPool(home, home.offline_root, size=4)
+    pool = ServerPool(home, home.offline_root, size=2)  # each server is a Python process importing AppWorld
     killed = []
 
     class KilledMidEpisode(AppWorldEnv):
@@ -183,7 +183,7 @@ def test_a_server_killed_during_collection_ends_one_episode_and_the_round_goes_o
             return super().step(text)
 
     config = RolloutConfig(max_turns=2, max_tokens_per_turn=16, max_context=2048, decode_chunk=16,
-                           max_concurrent=4, env_workers=4, env_timeout_s=120)
+                           max_concurrent=2, env_workers=2, env_timeout_s=120)
     try:
         def make_env(task_id, seed):
             return KilledMidEpisode(task_id, pool, seed=seed)

@@ -94,9 +94,14 @@ def test_seen_and_unseen_name_dev_and_test_and_the_eto_protocol_keeps_its_24_typ
     assert set(unseen) < set(split_tasks("test")) and "inclined-plane-determine-angle" in types(split_tasks("test"))
     # Types taken in turn: the first 24 tasks are one of each, so `eval.tasks: N` is an even sample.
     assert sorted(types(unseen[:24])) == sorted(ETO_STEP_LIMITS)
+    finds = split_tasks("seen", "eto", ["find-plant", "find-animal"])
+    assert sorted(types(finds[:2])) == sorted(types(finds[2:4])) == ["find-animal", "find-plant"]
+    assert set(types(finds)) == {"find-plant", "find-animal"}
+    with pytest.raises(EnvError, match="'mendelian-genetics-known-plant', not a task type of protocol 'eto'"):
+        split_tasks("train", "eto", ["find-plant", "mendelian-genetics-known-plant"])
     with pytest.raises(EnvError, match="protocol='paper' is not a ScienceWorld protocol; valid: package, eto"):
         split_tasks("test", "paper")
-    with pytest.raises(EnvError, match="unknown ScienceWorld option.s. steps in env.options; valid: protocol"):
+    with pytest.raises(EnvError, match="unknown ScienceWorld option.s. steps in env.options; valid: protocol, types"):
         SPEC.tasks("test", {"steps": 3})
     with pytest.raises(EnvError, match="'inclined-plane-determine-angle/0' is not one of the 24 types"):
         ScienceWorldEnv("inclined-plane-determine-angle/0", protocol="eto")
@@ -138,8 +143,8 @@ def _tiny_scienceworld_llama(folder):
 @pytest.mark.slow
 def test_the_eto_scienceworld_config_runs_a_short_iteration_and_evaluates_seen_and_unseen(tmp_path):
     """`eto_scienceworld_llama2_7b` with a tiny model: SFT on gold paths, one ETO iteration (explore two training
-    variations, pairs against their gold paths, DPO), evaluation on unseen (test) variations, then seen (dev) ones
-    as `jaxagent.evaluate --split seen` does."""
+    variations of two short task types, pairs against their gold paths, DPO), evaluation on unseen (test)
+    variations, then seen (dev) ones as `jaxagent.evaluate --split seen` does."""
     import json
     import subprocess
     import sys
@@ -151,7 +156,8 @@ def test_the_eto_scienceworld_config_runs_a_short_iteration_and_evaluates_seen_a
     small = [f"model.path={model}", "model.dtype=float32", "model.remat=none", "progress=false", f"run_dir={run}",
              "sft.demos=2", "sft.epochs=1", "sft.batch_size=2", "sft.optim.total_steps=1", "sft.optim.warmup_steps=0",
              "sft.log_every=1", "eto.iterations=1", "eto.explore_tasks=2", "eto.batch_size=2", "eto.epochs=1",
-             "rollout.max_turns=2", "rollout.max_tokens_per_turn=16", "rollout.max_context=8192",
+             "env.options.types=[find-animal,find-plant]",  # short gold paths: short rows
+             "rollout.max_turns=2", "rollout.max_tokens_per_turn=16", "rollout.max_context=4096",
              "rollout.max_concurrent=2", "rollout.env_workers=2", "eval.tasks=2"]
     done = subprocess.run([sys.executable, "-m", "jaxagent.train", "--config", "eto_scienceworld_llama2_7b", *small],
                           capture_output=True, text=True, timeout=600)

@@ -12,6 +12,9 @@ Two protocols (`env.options.protocol`):
   Mendelian-genetics types and measuring the melting point of an unknown substance are left out, in every split)
   and its per-type action limits (`ETO_STEP_LIMITS`; the expert may take as many as its gold path has).
 
+`env.options.types` (a list of task type names) narrows either protocol to those types, e.g. the short
+`find-*` tasks for a quick run.
+
 JVMs are expensive (~0.7 s to start, hundreds of MB), so episodes borrow them from a `JvmPool`; a JVM that dies is
 replaced and the episode's actions are replayed on the new one.
 """
@@ -26,7 +29,7 @@ import queue
 import shutil
 import threading
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 from jaxagent.envs.base import EnvError, EnvSpec, Message, Outcome, StepResult
 
@@ -181,22 +184,30 @@ def check_protocol(protocol: str) -> str:
     return protocol
 
 
-def split_tasks(split: str, protocol: str = "package") -> list[str]:
-    """Every "<task>/<variation>" of a split (under `eto`, of its 24 task types only), taking the task types in
-    turn: the first N tasks (`eval.tasks`, `sft.demos`) cover every type evenly, not the first type's variations."""
+def split_tasks(split: str, protocol: str = "package", types: Sequence[str] | None = None) -> list[str]:
+    """Every "<task>/<variation>" of a split (under `eto`, of its 24 task types only; of `types` when given), taking
+    the task types in turn: the first N tasks (`eval.tasks`, `sft.demos`) cover every type evenly, not the first
+    type's variations."""
     if split not in SPLIT_NAMES:
         raise EnvError(f"unknown ScienceWorld split {split!r}; valid: {', '.join(SPLIT_NAMES)}")
-    keep = ETO_STEP_LIMITS if check_protocol(protocol) == "eto" else None
-    per_type = [[f"{name}/{v}" for v in splits[SPLIT_NAMES[split]]]
-                for name, splits in _variations().items() if keep is None or name in keep]
+    table = _variations()
+    names = [name for name in table if check_protocol(protocol) == "package" or name in ETO_STEP_LIMITS]
+    if types is not None:
+        unknown = [name for name in types if name not in names]
+        if unknown:
+            raise EnvError(f"env.options.types names {', '.join(map(repr, unknown))}, not a task type of protocol "
+                           f"{protocol!r}; valid: {', '.join(names)}")
+        names = [name for name in names if name in types]
+    per_type = [[f"{name}/{v}" for v in table[name][SPLIT_NAMES[split]]] for name in names]
     return [task for turn in itertools.zip_longest(*per_type) for task in turn if task is not None]
 
 
 def _tasks(split: str, options: dict) -> list[str]:
-    unknown = set(options) - {"protocol"}
+    unknown = set(options) - {"protocol", "types"}
     if unknown:
-        raise EnvError(f"unknown ScienceWorld option(s) {', '.join(sorted(unknown))} in env.options; valid: protocol")
-    return split_tasks(split, options.get("protocol", "package"))
+        raise EnvError(f"unknown ScienceWorld option(s) {', '.join(sorted(unknown))} in env.options; valid: "
+                       "protocol, types")
+    return split_tasks(split, options.get("protocol", "package"), options.get("types"))
 
 
 def parse_task_id(task_id: str) -> tuple[str, int]:
@@ -221,7 +232,8 @@ class ScienceWorldEnv:
     """One ScienceWorld episode (jaxagent's wrapper; the package's class of the same name is the game)."""
 
     def __init__(self, task_id: str, seed: int = 0, pool: JvmPool | None = None, step_limit: int | None = None,
-                 protocol: str = "package") -> None:
+                 protocol: str = "package", types: Sequence[str] | None = None) -> None:
+        """`types` (env.options.types) only narrows the task lists; an episode runs whatever task it is given."""
         self.task_id, self.seed = task_id, seed
         self.task_name, self.variation = parse_task_id(task_id)
         self.protocol = check_protocol(protocol)
