@@ -209,6 +209,16 @@ class EtoSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class CollectSection:
+    """Offline data for SWEET-RL: the current policy plays each training task `rollouts_per_task` times and the
+    episodes are saved with each task's training-time information (the environment's hidden reference)."""
+
+    rollouts_per_task: int = 3
+    tasks: int = 0  # training tasks played (0: all; else the first N of a seeded shuffle)
+    temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     """Held-out evaluation: every `every` iterations of an RL stage, and at the end of every stage."""
 
@@ -261,6 +271,7 @@ class TrainConfig:
     sft: SftSection = SftSection()
     loop: LoopSection = LoopSection()
     eto: EtoSection = EtoSection()
+    collect: CollectSection = CollectSection()
     optim: OptimConfig = OptimConfig()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -421,6 +432,12 @@ def _validate_eto(eto: EtoSection) -> None:
     check_choice(eto.contrast, choices.ETO_CONTRASTS, "eto.contrast", ConfigError)
 
 
+def _validate_collect(collect: CollectSection) -> None:
+    if collect.rollouts_per_task < 1 or collect.tasks < 0 or collect.temperature < 0:
+        raise ConfigError(f"collect.rollouts_per_task={collect.rollouts_per_task} must be >= 1, collect.tasks="
+                          f"{collect.tasks} and collect.temperature={collect.temperature} >= 0")
+
+
 def validate(config: TrainConfig) -> None:
     """Combinations that cannot run."""
     if not config.stages:
@@ -455,6 +472,7 @@ def validate(config: TrainConfig) -> None:
     if not 0.0 <= config.sft.mistake_rate <= 1.0:
         raise ConfigError(f"sft.mistake_rate={config.sft.mistake_rate} must be in [0, 1]")
     _validate_eto(config.eto)
+    _validate_collect(config.collect)
     if "sft" in config.stages and config.stages[0] != "sft":
         raise ConfigError(f"stages={list(config.stages)}: sft must come first (RL stages start from its policy)")
     if config.model.from_scratch and config.lora.enabled:

@@ -1,5 +1,5 @@
 """Outer training loops, one per stage kind: `sft` (behaviour cloning), the policy-gradient family in `loop`, and
-`eto` (explore, pairs against the expert, trajectory DPO).
+`eto` (explore, pairs against the expert, trajectory DPO) and `collect` (offline trajectories for SWEET-RL).
 
 Adding a stage kind: a module with `run(setup, stage_index, name, policy) -> (policy, eval_stats)`, one entry in
 `STAGE_RUNNERS` and its name in `jaxagent.choices.STAGES`.
@@ -7,11 +7,11 @@ Adding a stage kind: a module with `run(setup, stage_index, name, policy) -> (po
 
 from typing import Callable
 
-from jaxagent.algorithms import eto, loop, sft
+from jaxagent.algorithms import collect, eto, loop, sft
 from jaxagent.errors import lookup
 
 STAGE_RUNNERS: dict[str, Callable] = {"sft": sft.run, **{name: loop.run for name in loop.ALGORITHMS},
-                                      "eto": eto.run}
+                                      "eto": eto.run, "collect": collect.run}
 
 
 def get_stage_runner(name: str) -> Callable:

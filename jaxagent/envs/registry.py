@@ -18,6 +18,7 @@ ENVIRONMENTS: dict[str, str] = {
     "apptown": "jaxagent.envs.apptown",
     "appworld": "jaxagent.envs.appworld",
     "scienceworld": "jaxagent.envs.scienceworld",
+    "colbench": "jaxagent.envs.colbench",
 }
 
 
