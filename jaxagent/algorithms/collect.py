@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 
 import jax
 
 from jaxagent import distributed
-from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup, collect_groups, eval_seed, evaluate
+from jaxagent.algorithms.common import (
+    IterationLoop,
+    PolicyParams,
+    Setup,
+    collect_groups,
+    eval_seed,
+    evaluate,
+    training_tasks,
+)
 from jaxagent.atomic import staged_file
-from jaxagent.envs.registry import list_tasks
 from jaxagent.metrics import rollout_stats
 from jaxagent.trajectory import Trajectory
 
@@ -34,7 +40,7 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
     config = setup.config
     loop = IterationLoop(setup, stage_index, name, 1, checkpoint_every=1)  # for its metrics records
     setup.metrics.truncate_after(stage_index, 0)  # a collection stopped midway starts again
-    tasks = collected_tasks(setup)
+    tasks = training_tasks(setup, config.collect.tasks)  # all, or the first N of a seeded shuffle
     settings = dataclasses.replace(config.rollout, temperature=config.collect.temperature, early_stop_fraction=0.0)
     key = jax.random.fold_in(jax.random.key(config.seed), 7_000_003 + stage_index)
     trajectories = collect_groups(setup, policy, tasks, config.collect.rollouts_per_task, settings, key)
@@ -44,15 +50,6 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
             tmp.write_text("".join(json.dumps(record(t, information[t.task_id])) + "\n" for t in trajectories))
     loop.log(1, "collect", rollout_stats(trajectories))
     return policy, held_out(setup, loop, policy)
-
-
-def collected_tasks(setup: Setup) -> list[str]:
-    """The training tasks played: all, or the first `collect.tasks` of a seeded shuffle."""
-    config = setup.config
-    tasks = list_tasks(config.env.name, config.env.train_split, config.env.options)
-    if config.collect.tasks:
-        tasks = random.Random(config.seed).sample(tasks, min(config.collect.tasks, len(tasks)))
-    return tasks
 
 
 def training_info(setup: Setup, task_id: str) -> str | None:

@@ -8,6 +8,7 @@ stage's policy, resumes from its own last checkpoint if there is one, and ends w
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -80,6 +81,13 @@ def eval_tasks(setup: Setup, split: str | None = None) -> list[str]:
     config = setup.config
     tasks = list_tasks(config.env.name, split or config.eval.split or config.env.eval_split, config.env.options)
     return tasks[:config.eval.tasks] if config.eval.tasks else tasks
+
+
+def training_tasks(setup: Setup, count: int) -> list[str]:
+    """The training split's tasks: all of them (count 0), or the first `count` of a shuffle seeded by the run."""
+    config = setup.config
+    tasks = list_tasks(config.env.name, config.env.train_split, config.env.options)
+    return random.Random(config.seed).sample(tasks, min(count, len(tasks))) if count else tasks
 
 
 def eval_seed(config: TrainConfig, stage_index: int, iteration: int) -> int:

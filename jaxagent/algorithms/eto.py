@@ -17,18 +17,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 
 import jax
 import numpy as np
 
 from jaxagent import distributed
 from jaxagent.algorithms.batching import LogprobComputer
-from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup, collect_groups, eval_seed, evaluate
+from jaxagent.algorithms.common import (
+    IterationLoop,
+    PolicyParams,
+    Setup,
+    collect_groups,
+    eval_seed,
+    evaluate,
+    training_tasks,
+)
 from jaxagent.atomic import staged_file
 from jaxagent.config import OptimConfig
 from jaxagent.data import play_expert
-from jaxagent.envs.registry import list_tasks
 from jaxagent.metrics import rollout_stats
 from jaxagent.pairs import eto_pairs, pair_stats, with_reference
 from jaxagent.trajectory import Trajectory, turn_indices
@@ -122,11 +128,7 @@ def explore_settings(config):
 
 def explored_tasks(setup: Setup) -> list[str]:
     """The training tasks each iteration explores: all, or the first `eto.explore_tasks` of a seeded shuffle."""
-    config = setup.config
-    tasks = list_tasks(config.env.name, config.env.train_split, config.env.options)
-    if config.eto.explore_tasks:
-        tasks = random.Random(config.seed).sample(tasks, min(config.eto.explore_tasks, len(tasks)))
-    return tasks
+    return training_tasks(setup, setup.config.eto.explore_tasks)
 
 
 def expert_records(setup: Setup, tasks: list[str]) -> list[Trajectory]:
