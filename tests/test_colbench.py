@@ -221,13 +221,16 @@ def test_the_collect_stage_saves_episodes_with_the_hidden_reference_for_the_crit
                                               "collect.rollouts_per_task=2", "rollout.max_context=1024",
                                               "eval.tasks=2"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in (run / "stages" / "collect" / "trajectories.jsonl").read_text().splitlines()]
+    from jaxagent.sweet_data import INFO_HEADER, critic_messages, read_trajectories
+
+    lines = read_trajectories(run / "stages" / "collect" / "trajectories.jsonl")  # what the critic will read
     assert len(lines) == 6 and sorted(r["rollout_index"] for r in lines) == [0, 0, 0, 1, 1, 1]
     for line in lines:
         reference = offline_task(line["task"]["task_id"]).ground_truth
         assert line["task"]["training_info"] == reference and 0.0 <= line["reward"] <= 1.0
         assert line["messages"][1]["content"] == offline_task(line["task"]["task_id"]).problem_description
         assert reference not in json.dumps(line["messages"])
+        assert critic_messages(line)[0]["content"].startswith(INFO_HEADER + reference.strip())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["episodes"] for r in records if r["kind"] == "collect"] == [6]
     # The policy did not change, so the stage's held-out result is the SFT stage's.
