@@ -219,6 +219,25 @@ class CollectSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class CriticSection:
+    """SWEET-RL's critic: Bradley-Terry on pairs of offline trajectories of the same task, reading each task's
+    training-time information (`use_info`) before the dialogue. Defaults: the paper's (beta 0.1, lr 2e-7, 4 epochs
+    of 8 pairs, the per-turn score)."""
+
+    data: str = ""  # a trajectories.jsonl; empty: this run's collect stage's
+    use_info: bool = True  # false: the ablation whose critic sees only what the agent saw
+    score: str = "turn_sum"  # "turn_sum" (the paper) or "trajectory_mean" (the public code)
+    beta: float = 0.1
+    lr: float = 2e-7
+    epochs: int = 4
+    batch_size: int = 8
+    held_out: float = 0.1  # fraction of the paired tasks kept out of training, for held-out pair accuracy
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     """Held-out evaluation: every `every` iterations of an RL stage, and at the end of every stage."""
 
@@ -272,6 +291,7 @@ class TrainConfig:
     loop: LoopSection = LoopSection()
     eto: EtoSection = EtoSection()
     collect: CollectSection = CollectSection()
+    critic: CriticSection = CriticSection()
     optim: OptimConfig = OptimConfig()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -438,6 +458,16 @@ def _validate_collect(collect: CollectSection) -> None:
                           f"{collect.tasks} and collect.temperature={collect.temperature} >= 0")
 
 
+def _validate_critic(critic: CriticSection) -> None:
+    if critic.epochs < 1 or critic.batch_size < 1 or critic.beta <= 0 or critic.lr <= 0:
+        raise ConfigError(f"critic.epochs={critic.epochs} and critic.batch_size={critic.batch_size} must be >= 1, "
+                          f"critic.beta={critic.beta} and critic.lr={critic.lr} > 0")
+    if not 0.0 <= critic.held_out < 1.0 or not 0.0 <= critic.warmup_fraction < 1.0:
+        raise ConfigError(f"critic.held_out={critic.held_out} and critic.warmup_fraction={critic.warmup_fraction} "
+                          "must be in [0, 1)")
+    check_choice(critic.score, choices.CRITIC_SCORES, "critic.score", ConfigError)
+
+
 def validate(config: TrainConfig) -> None:
     """Combinations that cannot run."""
     if not config.stages:
@@ -473,6 +503,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"sft.mistake_rate={config.sft.mistake_rate} must be in [0, 1]")
     _validate_eto(config.eto)
     _validate_collect(config.collect)
+    _validate_critic(config.critic)
     if "sft" in config.stages and config.stages[0] != "sft":
         raise ConfigError(f"stages={list(config.stages)}: sft must come first (RL stages start from its policy)")
     if config.model.from_scratch and config.lora.enabled:

@@ -1,5 +1,6 @@
 """Outer training loops, one per stage kind: `sft` (behaviour cloning), the policy-gradient family in `loop`, and
-`eto` (explore, pairs against the expert, trajectory DPO) and `collect` (offline trajectories for SWEET-RL).
+`eto` (explore, pairs against the expert, trajectory DPO) `collect` (offline trajectories for SWEET-RL) and
+`critic` (SWEET-RL's Bradley-Terry critic).
 
 Adding a stage kind: a module with `run(setup, stage_index, name, policy) -> (policy, eval_stats)`, one entry in
 `STAGE_RUNNERS` and its name in `jaxagent.choices.STAGES`.
@@ -7,11 +8,12 @@ Adding a stage kind: a module with `run(setup, stage_index, name, policy) -> (po
 
 from typing import Callable
 
-from jaxagent.algorithms import collect, eto, loop, sft
+from jaxagent.algorithms import collect, critic, eto, loop, sft
 from jaxagent.errors import lookup
 
 STAGE_RUNNERS: dict[str, Callable] = {"sft": sft.run, **{name: loop.run for name in loop.ALGORITHMS},
-                                      "eto": eto.run, "collect": collect.run}
+                                      "eto": eto.run, "collect": collect.run,
+                                      "critic": critic.run}
 
 
 def get_stage_runner(name: str) -> Callable:

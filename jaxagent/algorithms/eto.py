@@ -32,11 +32,12 @@ from jaxagent.algorithms.common import (
     evaluate,
     training_tasks,
 )
+from jaxagent.algorithms.pair_training import train_on_pairs
 from jaxagent.atomic import staged_file
 from jaxagent.config import OptimConfig
 from jaxagent.data import play_expert
 from jaxagent.metrics import rollout_stats
-from jaxagent.pairs import eto_pairs, pair_stats, with_reference
+from jaxagent.pairs import eto_pairs, pair_stats
 from jaxagent.trajectory import Trajectory, turn_indices
 from jaxagent.update import LossConfig, UpdateConfig, init_train_state
 
@@ -81,37 +82,11 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
 def _dpo(setup: Setup, state, frozen: dict, pairs, iteration: int, logprobs: LogprobComputer):
     """One iteration's DPO epochs on `pairs`, from a fresh optimizer; returns the state and its statistics."""
     config, eto = setup.config, setup.config.eto
-    steps_per_epoch = math.ceil(len(pairs) / eto.batch_size)
-    settings = update_config(eto, iteration, eto.epochs * steps_per_epoch)
-    update, state = setup.placement.update_step(settings, init_train_state(state.trainable, settings), frozen)
-    start = PolicyParams.from_state(state, frozen)
-    # The reference: the policy as the iteration starts, fixed through its epochs (LoRA or full parameters alike).
-    reference = with_reference(pairs, lambda sides: logprobs(start.params, start.lora_params, None, sides,
-                                                            eto.batch_size)[0])
-    losses, step = [], 0
-    for epoch in range(eto.epochs):
-        order = np.random.default_rng([config.seed, iteration, epoch]).permutation(len(pairs))
-        for begin in range(0, len(pairs), eto.batch_size):
-            chosen = order[begin:begin + eto.batch_size]
-            batch = _take(reference, chosen, eto.batch_size)
-            step += 1
-            state, metrics = update(state, frozen, setup.placement.batch(batch),
-                                    jax.random.fold_in(jax.random.key(config.seed), 7919 * iteration + step))
-            losses.append(float(metrics["loss"]))
-    return state, {"dpo_loss_first": losses[0], "dpo_loss": float(np.mean(losses[-steps_per_epoch:])),
-                   "updates": step, "beta": eto.beta(iteration), "lr": eto.lr(iteration)}
-
-
-def _take(batch, rows: np.ndarray, size: int):
-    """Pairs `rows` of a NumPy PairBatch, padded with invalid pairs to `size`."""
-    def pick(x):
-        out = np.zeros((size, *x.shape[1:]), x.dtype)
-        out[: len(rows)] = x[rows]
-        return out
-    picked = type(batch)(*[None if x is None else pick(x) for x in batch])
-    valid = np.zeros(size, np.float32)
-    valid[: len(rows)] = 1.0
-    return picked._replace(valid_P=valid)
+    settings = update_config(eto, iteration, eto.epochs * math.ceil(len(pairs) / eto.batch_size))
+    state, trained = train_on_pairs(setup, state, frozen, pairs, settings, eto.epochs, eto.batch_size,
+                                    (config.seed, iteration), logprobs)
+    return state, {"dpo_loss_first": trained["loss_first"], "dpo_loss": trained["loss"],
+                   "updates": trained["updates"], "beta": eto.beta(iteration), "lr": eto.lr(iteration)}
 
 
 def update_config(eto, iteration: int, steps: int) -> UpdateConfig:

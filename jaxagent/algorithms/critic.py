@@ -1,0 +1,126 @@
+"""Stage `critic`: SWEET-RL's step-level critic (arXiv 2503.15478), trained with Bradley-Terry on offline pairs.
+
+1. Pairs from the offline trajectories (`critic.data`, default this run's `stages/collect/trajectories.jsonl`): per
+   task whose best rollout succeeded, the best against each strictly worse one (`jaxagent.sweet_data`). Whole tasks
+   (`critic.held_out` of them) are kept out for evaluation.
+2. The critic reads each trajectory with the task's training-time information (the hidden reference) before the
+   dialogue; with `critic.use_info: false` it reads only what the agent read (the paper's ablation).
+3. Its score of a trajectory is S = the sum over agent turns of the mean log-ratio log π_critic − log π_ref over the
+   turn's tokens (`critic.score: turn_sum`, the paper), or one mean over all agent tokens (`trajectory_mean`, the
+   public code); the loss is −log σ(β·S(chosen) − β·S(rejected)). π_ref is the critic's frozen start.
+4. The critic starts from the policy as the stage starts and trains its own copy of the policy's trainable part
+   (its own LoRA adapters on the shared frozen base, or its own full parameters); the policy does not change.
+
+The critic is saved to `stages/<name>/critic` (a policy folder: `jaxagent.checkpoint.load_policy` reads it). The
+stage logs the pairs, the loss (log 2 at the first step, where the critic equals its reference), the accuracy on
+its training pairs after training, and the held-out pair accuracy before and after (a tie counts one half). Its
+held-out result is the previous stage's (the policy is unchanged). A run stopped during the stage trains the
+critic again from its start.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxagent import distributed
+from jaxagent.algorithms.batching import LogprobComputer
+from jaxagent.algorithms.collect import FILE as COLLECTED
+from jaxagent.algorithms.collect import held_out
+from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup
+from jaxagent.algorithms.pair_training import train_on_pairs
+from jaxagent.checkpoint import Policy, save_policy
+from jaxagent.config import OptimConfig
+from jaxagent.errors import UserError
+from jaxagent.losses import critic_scores
+from jaxagent.pairs import Pair
+from jaxagent.sweet_data import critic_messages, critic_pairs, read_trajectories, split_by_task
+from jaxagent.trajectory import Trajectory, turn_indices
+from jaxagent.update import LossConfig, UpdateConfig, init_train_state
+
+
+def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tuple[PolicyParams, dict]:
+    """Train the critic; returns the unchanged policy and its held-out evaluation."""
+    config, critic = setup.config, setup.config.critic
+    loop = IterationLoop(setup, stage_index, name, 1, checkpoint_every=1)  # for its metrics records
+    setup.metrics.truncate_after(stage_index, 0)
+    train, kept_out = _pairs(setup)
+    frozen = policy.frozen()
+    settings = update_config(critic, critic.epochs * math.ceil(len(train) / critic.batch_size))
+    _, state = setup.placement.update_step(settings, _initial_state(policy, settings), frozen)
+    logprobs = LogprobComputer(setup.model, setup.lora, 1.0, place=setup.placement.batch,
+                               fetch=setup.placement.fetch)
+    before = pair_accuracy(policy, policy, kept_out, critic.score, logprobs, critic.batch_size)
+    state, trained = train_on_pairs(setup, state, frozen, train, settings, critic.epochs, critic.batch_size,
+                                    (config.seed, 10_007 + stage_index), logprobs)
+    learned = PolicyParams.from_state(state, frozen)
+    after = pair_accuracy(learned, policy, kept_out, critic.score, logprobs, critic.batch_size)
+    fitted = pair_accuracy(learned, policy, train, critic.score, logprobs, critic.batch_size)
+    if distributed.is_first():
+        save_policy(setup.run_dir / "stages" / name / "critic",
+                    Policy(setup.model, learned.params, setup.lora, learned.lora_params, setup.tokenizer_dir))
+    distributed.barrier(f"saved the critic of {name}")
+    loop.log(1, "train", {"pairs": len(train), "held_out_pairs": len(kept_out), "bt_loss_first": trained["loss_first"],
+                          "bt_loss": trained["loss"], "updates": trained["updates"],
+                          "train_accuracy": fitted, "held_out_accuracy_start": before, "held_out_accuracy": after})
+    return policy, held_out(setup, loop, policy)
+
+
+def _pairs(setup: Setup) -> tuple[list[Pair], list[Pair]]:
+    """(training pairs, held-out pairs) as the critic reads them."""
+    critic = setup.config.critic
+    path = Path(critic.data) if critic.data else setup.run_dir / "stages" / "collect" / COLLECTED
+    records = read_trajectories(path)
+    train, kept_out = split_by_task(critic_pairs(records), critic.held_out, setup.config.seed)
+    as_pairs = [[Pair(*sides, chosen_is_expert=False) for sides in
+                 ((_trajectory(setup, c), _trajectory(setup, r)) for c, r in part)
+                 if None not in sides] for part in (train, kept_out)]
+    if not as_pairs[0]:
+        raise UserError(f"{path}: no critic pairs to train on ({len(records)} trajectories; a task makes pairs "
+                        "only when its best rollout succeeded and another did worse, within rollout.max_context)")
+    return as_pairs[0], as_pairs[1]
+
+
+def _trajectory(setup: Setup, record: dict) -> Trajectory | None:
+    """A record as the critic's tokens (None when longer than rollout.max_context)."""
+    messages = critic_messages(record, setup.config.critic.use_info)
+    conversation = setup.renderer.start(messages)
+    ids = np.asarray(conversation.token_ids, np.int32)
+    if len(ids) > setup.config.rollout.max_context:
+        return None
+    mask = np.asarray(conversation.model_mask, np.int8)
+    return Trajectory(ids, mask, np.zeros(len(ids), np.float32), turn_indices(mask), float(record["reward"]), 0,
+                      int(record.get("rollout_index", 0)), record["task"]["task_id"],
+                      {"success": bool(record.get("success"))}, tuple(messages))
+
+
+def _initial_state(policy: PolicyParams, settings: UpdateConfig):
+    """The critic's own copy of the policy's trainable part (the update step donates its state's buffers; the
+    policy's must survive: it is the critic's reference and the stage's result)."""
+    return init_train_state(jax.tree.map(jnp.copy, policy.trainable()), settings)
+
+
+def pair_accuracy(critic: PolicyParams, reference: PolicyParams, pairs: list[Pair], score: str,
+                  logprobs: LogprobComputer, rows: int) -> float:
+    """The fraction of pairs whose chosen side the critic scores higher (ties count one half); NaN without pairs."""
+    if not pairs:
+        return float("nan")
+    sides = [t for pair in pairs for t in (pair.chosen, pair.rejected)]
+    mine = logprobs(critic.params, critic.lora_params, None, sides, rows)[0]
+    frozen = logprobs(reference.params, reference.lora_params, None, sides, rows)[0]
+    scores = [float(critic_scores(jnp.asarray(a)[None], jnp.asarray(b)[None], jnp.asarray(t.model_mask)[None],
+                                  jnp.asarray(t.turn_index)[None], score)[0])
+              for a, b, t in zip(mine, frozen, sides)]
+    wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores[::2], scores[1::2])]
+    return float(np.mean(wins))
+
+
+def update_config(critic, steps: int) -> UpdateConfig:
+    """Bradley-Terry at `critic.beta` with the configured score; AdamW, constant after its warm-up."""
+    optim = OptimConfig(lr=critic.lr, weight_decay=critic.weight_decay, max_grad_norm=critic.max_grad_norm,
+                        schedule="constant", warmup_steps=int(critic.warmup_fraction * steps))
+    return UpdateConfig(LossConfig(kind="bradley_terry", beta=critic.beta, critic_score=critic.score), optim)

@@ -1,0 +1,52 @@
+"""Epochs of updates on preference pairs against a fixed reference: ETO's trajectory DPO and SWEET-RL's critic.
+
+The reference is the trained model as the call starts: its log-probs of both sides of every pair are computed once,
+before the first update, and stored with the pairs (LoRA adapters or full parameters alike). Each call starts a
+fresh optimizer from `settings`, shuffles the pairs every epoch (seeded) and pads the last batch with invalid pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jaxagent.algorithms.batching import LogprobComputer
+from jaxagent.algorithms.common import PolicyParams, Setup
+from jaxagent.pairs import Pair, with_reference
+from jaxagent.update import UpdateConfig, init_train_state
+
+
+def train_on_pairs(setup: Setup, state, frozen: dict, pairs: Sequence[Pair], settings: UpdateConfig, epochs: int,
+                   batch_size: int, seed: Sequence[int], logprobs: LogprobComputer) -> tuple[object, dict]:
+    """`epochs` passes over `pairs` in batches of `batch_size`; returns the state and {loss_first, loss, updates}
+    (loss: the mean over the last epoch)."""
+    steps_per_epoch = math.ceil(len(pairs) / batch_size)
+    update, state = setup.placement.update_step(settings, init_train_state(state.trainable, settings), frozen)
+    start = PolicyParams.from_state(state, frozen)
+    reference = with_reference(pairs, lambda sides: logprobs(start.params, start.lora_params, None, sides,
+                                                            batch_size)[0])
+    losses, step = [], 0
+    for epoch in range(epochs):
+        order = np.random.default_rng([*seed, epoch]).permutation(len(pairs))
+        for begin in range(0, len(pairs), batch_size):
+            batch = take(reference, order[begin:begin + batch_size], batch_size)
+            step += 1
+            state, metrics = update(state, frozen, setup.placement.batch(batch),
+                                    jax.random.fold_in(jax.random.key(seed[0]), 7919 * seed[-1] + step))
+            losses.append(float(metrics["loss"]))
+    return state, {"loss_first": losses[0], "loss": float(np.mean(losses[-steps_per_epoch:])), "updates": step}
+
+
+def take(batch, rows: np.ndarray, size: int):
+    """Pairs `rows` of a NumPy PairBatch, padded with invalid pairs to `size`."""
+    def pick(x):
+        out = np.zeros((size, *x.shape[1:]), x.dtype)
+        out[: len(rows)] = x[rows]
+        return out
+    picked = type(batch)(*[None if x is None else pick(x) for x in batch])
+    valid = np.zeros(size, np.float32)
+    valid[: len(rows)] = 1.0
+    return picked._replace(valid_P=valid)

@@ -1,0 +1,66 @@
+"""Stage `critic` (SWEET-RL): Bradley-Terry on pairs of offline ColBench dialogues, with and without the
+training-time information, in both scoring modes; its first loss is log 2 and its held-out accuracy is reported."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from jaxagent.data import play_expert
+from jaxagent.envs.colbench import Service
+from jaxagent.envs.colbench.tasks import offline_split, offline_task
+from jaxagent.envs.registry import make_env
+
+from conftest import micro_train_command
+
+
+@pytest.fixture(scope="module")
+def offline_file(tmp_path_factory):
+    """Scripted dialogues with mistakes (so rewards differ within a task), in the collect stage's format."""
+    service = Service({})
+    lines = []
+    for task_id in offline_split("train")[:16]:
+        for rollout in range(3):
+            messages, reward = play_expert(lambda t, seed: make_env("colbench", t, seed, service), task_id,
+                                           1000 * rollout + len(lines), 0.6)
+            lines.append({"task": {"task_id": task_id, "training_info": offline_task(task_id).ground_truth},
+                          "messages": messages, "reward": reward, "success": reward == 1.0,
+                          "rollout_index": rollout})
+    path = tmp_path_factory.mktemp("offline") / "trajectories.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_info,score", [(True, "turn_sum"), (False, "trajectory_mean")])
+def test_the_critic_trains_on_offline_pairs_and_reports_held_out_accuracy(offline_file, tmp_path, use_info, score):
+    from jaxagent.checkpoint import load_policy
+
+    run = tmp_path / "run"
+    proc = subprocess.run(micro_train_command(
+        run, "env.name=colbench", "stages=[critic]", f"critic.data={offline_file}", f"critic.use_info={use_info}",
+        f"critic.score={score}", "critic.lr=1e-2", "critic.epochs=2", "critic.batch_size=4", "critic.held_out=0.25",
+        "rollout.max_context=1024", "eval.tasks=2"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (trained,) = [r for r in records if r["kind"] == "train"]
+    assert trained["pairs"] > 0 and trained["held_out_pairs"] > 0, trained
+    # The critic starts equal to its reference: every score is 0, so the first loss is log 2 and every pair ties.
+    assert abs(trained["bt_loss_first"] - math.log(2)) < 1e-5 and trained["held_out_accuracy_start"] == 0.5
+    assert 0.0 <= trained["held_out_accuracy"] <= 1.0 and trained["updates"] >= 2
+    # The updates move the critic the right way: it now prefers the chosen side of the pairs it trained on.
+    assert trained["bt_loss"] < trained["bt_loss_first"] and trained["train_accuracy"] > 0.5, trained
+    assert load_policy(run / "stages" / "critic" / "critic").config.vocab_size > 0
+
+
+def test_a_critic_without_pairs_or_data_stops_with_one_line(tmp_path):
+    empty = tmp_path / "none.jsonl"
+    empty.write_text(json.dumps({"task": {"task_id": "discount/0/0", "training_info": "x"}, "messages": [],
+                                 "reward": 0.0, "success": False}) + "\n")
+    for data, message in ((empty, "no critic pairs to train on"), (tmp_path / "missing.jsonl", "no such file")):
+        proc = subprocess.run(micro_train_command(tmp_path / f"run-{data.stem}", "env.name=colbench", "stages=[critic]",
+                                                  f"critic.data={data}"), capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
