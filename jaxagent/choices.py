@@ -6,13 +6,14 @@ names; tests/test_structure.py checks that every table and its names agree.
 """
 
 RL_STAGES = ("loop", "grpo", "rloo", "ppo", "reinforce", "ei")  # jaxagent.algorithms.loop.ALGORITHMS
-STAGES = ("sft", *RL_STAGES, "eto", "collect", "critic")  # jaxagent.algorithms.STAGE_RUNNERS
+STAGES = ("sft", *RL_STAGES, "eto", "collect", "critic", "dpo")  # jaxagent.algorithms.STAGE_RUNNERS
 ETO_CONTRASTS = ("trajectory",)  # jaxagent.algorithms.eto: what a pair compares (the paper's step variant: not yet)
 LOSS_KINDS = ("policy", "sft", "dpo", "bradley_terry")  # jaxagent.objectives.LOSSES, beside its "value" term
 # jaxagent.advantages.ADVANTAGES
 ADVANTAGES = ("leave_one_out", "group_mean", "group_norm", "leave_one_out_norm", "reward", "none")
 RATIO_LEVELS = ("token", "turn", "trajectory", "none")  # jaxagent.losses.RATIO_OBJECTIVES
 CLIP_MODES = ("asymmetric", "symmetric")  # jaxagent.losses.CLIP_BOUNDS
+DPO_LEVELS = ("trajectory",)  # the dpo stage's pairs (turn-level DPO is the sweet stage's)
 CRITIC_SCORES = ("trajectory_mean", "turn_sum")  # jaxagent.losses.CRITIC_SCORES
 SFT_NORMALISATIONS = ("token", "trajectory")  # jaxagent.losses.sft_loss
 # What a batch's summed loss is divided by: the units it holds, or its rows (the configured minibatch size)

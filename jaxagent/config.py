@@ -238,6 +238,23 @@ class CriticSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DpoSection:
+    """Multi-turn DPO on offline pairs (SWEET-RL's baseline): the same pairs as the critic's, trained on the agent's
+    own view with trajectory-level sigmoid DPO against the policy as the stage starts."""
+
+    data: str = ""  # a trajectories.jsonl; empty: this run's collect stage's
+    level: str = "trajectory"
+    beta: float = 0.1
+    lr: float = 2e-7
+    epochs: int = 1
+    batch_size: int = 8
+    nll_coef: float = 0.01  # NLL on the chosen side, as SWEET-RL's DPO runs
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     """Held-out evaluation: every `every` iterations of an RL stage, and at the end of every stage."""
 
@@ -292,6 +309,7 @@ class TrainConfig:
     eto: EtoSection = EtoSection()
     collect: CollectSection = CollectSection()
     critic: CriticSection = CriticSection()
+    dpo: DpoSection = DpoSection()
     optim: OptimConfig = OptimConfig()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -468,6 +486,15 @@ def _validate_critic(critic: CriticSection) -> None:
     check_choice(critic.score, choices.CRITIC_SCORES, "critic.score", ConfigError)
 
 
+def _validate_dpo(dpo: DpoSection) -> None:
+    if dpo.epochs < 1 or dpo.batch_size < 1 or dpo.beta <= 0 or dpo.lr <= 0 or dpo.nll_coef < 0:
+        raise ConfigError(f"dpo.epochs={dpo.epochs} and dpo.batch_size={dpo.batch_size} must be >= 1, dpo.beta="
+                          f"{dpo.beta} and dpo.lr={dpo.lr} > 0, dpo.nll_coef={dpo.nll_coef} >= 0")
+    if not 0.0 <= dpo.warmup_fraction < 1.0:
+        raise ConfigError(f"dpo.warmup_fraction={dpo.warmup_fraction} must be in [0, 1)")
+    check_choice(dpo.level, choices.DPO_LEVELS, "dpo.level", ConfigError)
+
+
 def validate(config: TrainConfig) -> None:
     """Combinations that cannot run."""
     if not config.stages:
@@ -504,6 +531,7 @@ def validate(config: TrainConfig) -> None:
     _validate_eto(config.eto)
     _validate_collect(config.collect)
     _validate_critic(config.critic)
+    _validate_dpo(config.dpo)
     if "sft" in config.stages and config.stages[0] != "sft":
         raise ConfigError(f"stages={list(config.stages)}: sft must come first (RL stages start from its policy)")
     if config.model.from_scratch and config.lora.enabled:

@@ -60,7 +60,22 @@ def test_a_critic_without_pairs_or_data_stops_with_one_line(tmp_path):
     empty = tmp_path / "none.jsonl"
     empty.write_text(json.dumps({"task": {"task_id": "discount/0/0", "training_info": "x"}, "messages": [],
                                  "reward": 0.0, "success": False}) + "\n")
-    for data, message in ((empty, "no critic pairs to train on"), (tmp_path / "missing.jsonl", "no such file")):
+    for data, message in ((empty, "no pairs to train on"), (tmp_path / "missing.jsonl", "no such file")):
         proc = subprocess.run(micro_train_command(tmp_path / f"run-{data.stem}", "env.name=colbench", "stages=[critic]",
                                                   f"critic.data={data}"), capture_output=True, text=True, timeout=600)
         assert proc.returncode != 0 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_multi_turn_dpo_trains_the_policy_on_the_same_pairs_from_the_agents_view(offline_file, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(micro_train_command(
+        run, "env.name=colbench", "stages=[dpo]", f"dpo.data={offline_file}", "dpo.lr=1e-2", "dpo.epochs=2",
+        "dpo.batch_size=4", "rollout.max_context=1024", "eval.tasks=2"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (trained,) = [r for r in records if r["kind"] == "train"]
+    # 11 pairs (the critic's 7 + 4: nothing held out); the first loss is log 2 plus the NLL term (0.01 x chosen NLL).
+    assert trained["pairs"] == 11 and math.log(2) < trained["dpo_loss_first"] < math.log(2) + 0.01 * 10, trained
+    assert trained["margin_accuracy"] > 0.5, trained  # the chosen sides gained on the rejected ones
+    assert [r["kind"] for r in records] == ["train", "eval"]

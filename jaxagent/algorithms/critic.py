@@ -73,21 +73,27 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
 def _pairs(setup: Setup) -> tuple[list[Pair], list[Pair]]:
     """(training pairs, held-out pairs) as the critic reads them."""
     critic = setup.config.critic
-    path = Path(critic.data) if critic.data else setup.run_dir / "stages" / "collect" / COLLECTED
+    return offline_pairs(setup, critic.data, critic.use_info, critic.held_out)
+
+
+def offline_pairs(setup: Setup, data: str, with_info: bool, held_out: float) -> tuple[list[Pair], list[Pair]]:
+    """(training pairs, held-out pairs) of a trajectories file (empty `data`: this run's collect stage's), each side
+    tokenized as the reader sees it: with the training-time information in front, or the agent's own view."""
+    path = Path(data) if data else setup.run_dir / "stages" / "collect" / COLLECTED
     records = read_trajectories(path)
-    train, kept_out = split_by_task(critic_pairs(records), critic.held_out, setup.config.seed)
+    train, kept_out = split_by_task(critic_pairs(records), held_out, setup.config.seed)
     as_pairs = [[Pair(*sides, chosen_is_expert=False) for sides in
-                 ((_trajectory(setup, c), _trajectory(setup, r)) for c, r in part)
+                 ((_trajectory(setup, c, with_info), _trajectory(setup, r, with_info)) for c, r in part)
                  if None not in sides] for part in (train, kept_out)]
     if not as_pairs[0]:
-        raise UserError(f"{path}: no critic pairs to train on ({len(records)} trajectories; a task makes pairs "
-                        "only when its best rollout succeeded and another did worse, within rollout.max_context)")
+        raise UserError(f"{path}: no pairs to train on ({len(records)} trajectories; a task makes pairs only when "
+                        "its best rollout succeeded and another did worse, within rollout.max_context)")
     return as_pairs[0], as_pairs[1]
 
 
-def _trajectory(setup: Setup, record: dict) -> Trajectory | None:
-    """A record as the critic's tokens (None when longer than rollout.max_context)."""
-    messages = critic_messages(record, setup.config.critic.use_info)
+def _trajectory(setup: Setup, record: dict, with_info: bool) -> Trajectory | None:
+    """A record as tokens (None when longer than rollout.max_context)."""
+    messages = critic_messages(record, with_info)
     conversation = setup.renderer.start(messages)
     ids = np.asarray(conversation.token_ids, np.int32)
     if len(ids) > setup.config.rollout.max_context:
