@@ -15,6 +15,7 @@ say so when it does not say; replies are cut at `MAX_REPLY_CHARS`.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -87,7 +88,8 @@ class OpenAISimulator:
             except urllib.error.HTTPError as err:
                 if err.code < 500 or attempt == self.retries:
                     raise SimulatorError(f"simulator at {self.url}: HTTP {err.code} {err.read()[:300]!r}") from None
-            except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as err:
+            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, KeyError, IndexError) as err:
+                # HTTPException: e.g. IncompleteRead, when the server dies while its reply is on the way
                 if attempt == self.retries:
                     raise SimulatorError(f"simulator at {self.url} did not answer after {attempt + 1} tries: "
                                          f"{err}") from None
