@@ -54,12 +54,17 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
     _, state = setup.placement.update_step(settings, _initial_state(policy, settings), frozen)
     logprobs = LogprobComputer(setup.model, setup.lora, 1.0, place=setup.placement.batch,
                                fetch=setup.placement.fetch)
-    before = pair_accuracy(policy, policy, kept_out, critic.score, logprobs, critic.batch_size)
+    # The reference's log-probs of both pair sets, once: the critic's start scores every trajectory 0 against them.
+    start_kept_out, start_train = (side_logprobs(policy, pairs, logprobs, critic.batch_size)
+                                   for pairs in (kept_out, train))
+    before = pair_accuracy(start_kept_out, start_kept_out, kept_out, critic.score)
     state, trained = train_on_pairs(setup, state, frozen, train, settings, critic.epochs, critic.batch_size,
                                     (config.seed, 10_007 + stage_index), logprobs)
     learned = PolicyParams.from_state(state, frozen)
-    after = pair_accuracy(learned, policy, kept_out, critic.score, logprobs, critic.batch_size)
-    fitted = pair_accuracy(learned, policy, train, critic.score, logprobs, critic.batch_size)
+    after = pair_accuracy(side_logprobs(learned, kept_out, logprobs, critic.batch_size), start_kept_out, kept_out,
+                          critic.score)
+    fitted = pair_accuracy(side_logprobs(learned, train, logprobs, critic.batch_size), start_train, train,
+                           critic.score)
     if distributed.is_first():
         save_policy(setup.run_dir / "stages" / name / "critic",
                     Policy(setup.model, learned.params, setup.lora, learned.lora_params, setup.tokenizer_dir))
@@ -110,17 +115,22 @@ def _initial_state(policy: PolicyParams, settings: UpdateConfig):
     return init_train_state(jax.tree.map(jnp.copy, policy.trainable()), settings)
 
 
-def pair_accuracy(critic: PolicyParams, reference: PolicyParams, pairs: list[Pair], score: str,
-                  logprobs: LogprobComputer, rows: int) -> float:
-    """The fraction of pairs whose chosen side the critic scores higher (ties count one half); NaN without pairs."""
+def side_logprobs(model: PolicyParams, pairs: list[Pair], logprobs: LogprobComputer, rows: int) -> list[np.ndarray]:
+    """Per-token log-probs of each pair's chosen then rejected side under `model`."""
+    sides = [t for pair in pairs for t in (pair.chosen, pair.rejected)]
+    return logprobs(model.params, model.lora_params, None, sides, rows)[0] if sides else []
+
+
+def pair_accuracy(critic_logp: list[np.ndarray], reference_logp: list[np.ndarray], pairs: list[Pair],
+                  score: str) -> float:
+    """The fraction of pairs whose chosen side the critic scores higher (ties count one half); NaN without pairs.
+    The log-probs are `side_logprobs` of the critic and of its reference."""
     if not pairs:
         return float("nan")
     sides = [t for pair in pairs for t in (pair.chosen, pair.rejected)]
-    mine = logprobs(critic.params, critic.lora_params, None, sides, rows)[0]
-    frozen = logprobs(reference.params, reference.lora_params, None, sides, rows)[0]
     scores = [float(critic_scores(jnp.asarray(a)[None], jnp.asarray(b)[None], jnp.asarray(t.model_mask)[None],
                                   jnp.asarray(t.turn_index)[None], score)[0])
-              for a, b, t in zip(mine, frozen, sides)]
+              for a, b, t in zip(critic_logp, reference_logp, sides)]
     wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores[::2], scores[1::2])]
     return float(np.mean(wins))
 
