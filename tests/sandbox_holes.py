@@ -15,6 +15,7 @@ import random
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from jaxagent.envs import sandbox_isolation
 from jaxagent.envs.apptown.env import AppTownEnv
@@ -136,13 +137,18 @@ PLAIN_USER = 65534
 
 
 def become_plain_user() -> None:
-    closed = sandbox_isolation.closed_ancestor(sys.base_prefix)
+    # The interpreter, the virtual environment and this checkout may sit under a folder only root can enter (a
+    # fresh clone in a 0700 temporary folder): cover such folders and mount those three back, so the plain user
+    # reaches them as it would in its own checkout.
+    needed = (sys.base_prefix, sys.prefix, str(Path(__file__).resolve().parents[1]))
+    closed = sorted({blocked for path in needed if (blocked := sandbox_isolation.closed_ancestor(path))})
     if closed:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.unshare(sandbox_isolation.CLONE_NEWNS) or libc.mount(
                 None, b"/", None, sandbox_isolation.MS_REC | sandbox_isolation.MS_PRIVATE, None):
             raise OSError(ctypes.get_errno(), "a private mount namespace")
-        sandbox_isolation.hide_folders([closed], (sys.base_prefix,))
+        sandbox_isolation.hide_folders([c for c in closed if not any(
+            c != other and c.startswith(other + os.sep) for other in closed)], needed)
     os.setgroups([])
     os.setgid(PLAIN_USER)
     os.setuid(PLAIN_USER)
