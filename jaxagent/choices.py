@@ -6,7 +6,7 @@ names; tests/test_structure.py checks that every table and its names agree.
 """
 
 RL_STAGES = ("loop", "grpo", "rloo", "ppo", "reinforce", "ei")  # jaxagent.algorithms.loop.ALGORITHMS
-STAGES = ("sft", *RL_STAGES, "eto", "collect", "critic", "dpo")  # jaxagent.algorithms.STAGE_RUNNERS
+STAGES = ("sft", *RL_STAGES, "eto", "collect", "critic", "sweet", "dpo")  # jaxagent.algorithms.STAGE_RUNNERS
 ETO_CONTRASTS = ("trajectory",)  # jaxagent.algorithms.eto: what a pair compares (the paper's step variant: not yet)
 LOSS_KINDS = ("policy", "sft", "dpo", "bradley_terry")  # jaxagent.objectives.LOSSES, beside its "value" term
 # jaxagent.advantages.ADVANTAGES

@@ -232,6 +232,10 @@ class CriticSection:
     epochs: int = 4
     batch_size: int = 8
     held_out: float = 0.1  # fraction of the paired tasks kept out of training, for held-out pair accuracy
+    # Held-out trajectories whose last turn is replayed with the critic's pick among `candidates` policy replies
+    # (reported beside a random pick's expected success); 0: none.
+    replay: int = 16
+    candidates: int = 16
     warmup_fraction: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -249,6 +253,28 @@ class DpoSection:
     epochs: int = 1
     batch_size: int = 8
     nll_coef: float = 0.01  # NLL on the chosen side, as SWEET-RL's DPO runs
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SweetSection:
+    """SWEET-RL's policy step: at each agent turn of the offline trajectories the policy samples `candidates`
+    replies, the critic ranks them, and turn-level DPO trains on `pairs_per_turn` pairs of a random top-half reply
+    against a random bottom-half one, on the agent's view, against the policy as the stage starts."""
+
+    data: str = ""  # a trajectories.jsonl; empty: this run's collect stage's
+    critic: str = ""  # a finished critic stage's folder (RUN/stages/critic); empty: this run's
+    trajectories: int = 0  # offline trajectories used (0: all; else the first N of a seeded shuffle)
+    candidates: int = 16
+    pairs_per_turn: int = 4
+    temperature: float = 1.0
+    beta: float = 0.1
+    lr: float = 2e-7
+    epochs: int = 1
+    batch_size: int = 8
+    nll_coef: float = 0.01
     warmup_fraction: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -300,6 +326,9 @@ class TrainConfig:
     run_dir: str = ""  # empty: runs/<name>
     seed: int = 0
     stages: tuple[str, ...] = ("sft", "loop")
+    # Start from another run's finished stage (RUN/stages/NAME) or a policy folder instead of model.path / a fresh
+    # model: its weights, adapters, architecture and tokenizer (so methods compared can share one SFT policy).
+    init_from: str = ""
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
     env: EnvSection = EnvSection()
@@ -310,6 +339,7 @@ class TrainConfig:
     collect: CollectSection = CollectSection()
     critic: CriticSection = CriticSection()
     dpo: DpoSection = DpoSection()
+    sweet: SweetSection = SweetSection()
     optim: OptimConfig = OptimConfig()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -484,6 +514,20 @@ def _validate_critic(critic: CriticSection) -> None:
         raise ConfigError(f"critic.held_out={critic.held_out} and critic.warmup_fraction={critic.warmup_fraction} "
                           "must be in [0, 1)")
     check_choice(critic.score, choices.CRITIC_SCORES, "critic.score", ConfigError)
+    if critic.replay < 0 or critic.candidates < 2:
+        raise ConfigError(f"critic.replay={critic.replay} must be >= 0 and critic.candidates={critic.candidates} >= 2")
+
+
+def _validate_sweet(sweet: SweetSection) -> None:
+    if sweet.candidates < 2 or not 1 <= sweet.pairs_per_turn <= sweet.candidates // 2:
+        raise ConfigError(f"sweet.candidates={sweet.candidates} must be >= 2 and sweet.pairs_per_turn="
+                          f"{sweet.pairs_per_turn} in [1, candidates // 2] (each pair takes one reply from each half)")
+    if sweet.epochs < 1 or sweet.batch_size < 1 or sweet.beta <= 0 or sweet.lr <= 0 or sweet.nll_coef < 0:
+        raise ConfigError(f"sweet.epochs={sweet.epochs} and sweet.batch_size={sweet.batch_size} must be >= 1, "
+                          f"sweet.beta={sweet.beta} and sweet.lr={sweet.lr} > 0, sweet.nll_coef={sweet.nll_coef} >= 0")
+    if sweet.trajectories < 0 or sweet.temperature <= 0 or not 0.0 <= sweet.warmup_fraction < 1.0:
+        raise ConfigError(f"sweet.trajectories={sweet.trajectories} must be >= 0, sweet.temperature="
+                          f"{sweet.temperature} > 0 and sweet.warmup_fraction={sweet.warmup_fraction} in [0, 1)")
 
 
 def _validate_dpo(dpo: DpoSection) -> None:
@@ -531,6 +575,7 @@ def validate(config: TrainConfig) -> None:
     _validate_eto(config.eto)
     _validate_collect(config.collect)
     _validate_critic(config.critic)
+    _validate_sweet(config.sweet)
     _validate_dpo(config.dpo)
     if "sft" in config.stages and config.stages[0] != "sft":
         raise ConfigError(f"stages={list(config.stages)}: sft must come first (RL stages start from its policy)")

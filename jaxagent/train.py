@@ -59,7 +59,8 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
 
     `check_config`: refuse a run folder that holds another configuration (off for `jaxagent.evaluate`).
     """
-    folder = model_folder(config.model)
+    start = start_policy(config.init_from)
+    folder = start / "model" if start is not None else model_folder(config.model)
     mesh_config = MeshConfig(**shared_fields(config.mesh, MeshConfig))
     if jax.device_count() > 1:
         mesh_config.resolve(jax.device_count())  # a mesh these devices cannot form fails now, before any work
@@ -82,8 +83,12 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
     model = policy_model(config, folder, len(tokenizer))
     placement = Placement.for_devices(model, lora, mesh_config)
     log.info("devices: %s", placement.describe())
-    params = load_params(folder, model, placement) if folder is not None else placement.init_params(key)
-    lora_params = placement.init_lora(jax.random.fold_in(key, 1)) if lora is not None else None
+    if start is not None:
+        params, lora_params = placement.load_policy(start)
+        check_lora_matches(start, lora, lora_params)
+    else:
+        params = load_params(folder, model, placement) if folder is not None else placement.init_params(key)
+        lora_params = placement.init_lora(jax.random.fold_in(key, 1)) if lora is not None else None
     renderer = ChatRenderer(tokenizer)
     sampler = Sampler(model, max_len=config.rollout.max_context, lora=lora, tokenizer=tokenizer,
                       mesh=placement.sample_mesh, grow_cache=config.rollout.grow_cache)
@@ -91,6 +96,26 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
     setup = Setup(config, model, lora, Path(tokenizer_dir), renderer, make_env, sampler, run_dir,
                   MetricsLog(run_dir, writes=distributed.is_first()), placement, service)
     return setup, PolicyParams(params, lora_params)
+
+
+def start_policy(init_from: str) -> Path | None:
+    """The policy folder `init_from` names (a finished stage's folder holds it in policy/), checked to exist."""
+    if not init_from:
+        return None
+    path = Path(init_from)
+    for folder in (path / "policy", path):
+        if is_policy_folder(folder):
+            return folder.absolute()
+    raise ConfigError(f"init_from={init_from!r} is neither a finished stage's folder (RUN/stages/NAME with a policy/ "
+                      "inside) nor a jaxagent policy folder")
+
+
+def check_lora_matches(start: Path, lora: LoraConfig | None, lora_params: dict | None) -> None:
+    """A run continues the adapters it starts from: both use LoRA, or neither."""
+    if (lora is None) != (lora_params is None):
+        saved = "LoRA adapters" if lora_params is not None else "no LoRA adapters"
+        raise ConfigError(f"init_from={str(start)!r} holds {saved} but lora.enabled={lora is not None}; set "
+                          f"lora.enabled={lora_params is not None}")
 
 
 def policy_tokenizer(config: TrainConfig, folder: Path | None, run_dir: Path, make_env):

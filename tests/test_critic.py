@@ -34,19 +34,29 @@ def offline_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("use_info,score", [(True, "turn_sum"), (False, "trajectory_mean")])
-def test_the_critic_trains_on_offline_pairs_and_reports_held_out_accuracy(offline_file, tmp_path, use_info, score):
-    from jaxagent.checkpoint import load_policy
+CRITIC_MICRO = ["env.name=colbench", "critic.lr=1e-2", "critic.epochs=2", "critic.batch_size=4", "critic.held_out=0.25",
+                "rollout.max_context=1024", "eval.tasks=2"]
 
+
+@pytest.mark.slow
+def test_the_critic_trains_on_offline_pairs_and_reports_held_out_accuracy(offline_file, tmp_path):
+    """Without the training-time information, with the public code's score (tests/test_sweet.py trains the critic
+    with it and the paper's score, then the sweet stage)."""
     run = tmp_path / "run"
     proc = subprocess.run(micro_train_command(
-        run, "env.name=colbench", "stages=[critic]", f"critic.data={offline_file}", f"critic.use_info={use_info}",
-        f"critic.score={score}", "critic.lr=1e-2", "critic.epochs=2", "critic.batch_size=4", "critic.held_out=0.25",
-        "rollout.max_context=1024", "eval.tasks=2"), capture_output=True, text=True, timeout=600)
+        run, *CRITIC_MICRO, "stages=[critic]", f"critic.data={offline_file}", "critic.use_info=false",
+        "critic.score=trajectory_mean", "critic.replay=0"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    check_critic_record(run)
+    assert json.loads((run / "stages" / "critic" / "critic.json").read_text())["use_info"] is False
+
+
+def check_critic_record(run) -> dict:
+    """The critic stage's metrics hold, and its critic was saved; returns its record."""
+    from jaxagent.checkpoint import load_policy
+
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    (trained,) = [r for r in records if r["kind"] == "train"]
+    trained = next(r for r in records if r["kind"] == "train" and r["stage"] == "critic")
     assert trained["pairs"] > 0 and trained["held_out_pairs"] > 0, trained
     # The critic starts equal to its reference: every score is 0, so the first loss is log 2 and every pair ties.
     assert abs(trained["bt_loss_first"] - math.log(2)) < 1e-5 and trained["held_out_accuracy_start"] == 0.5
@@ -54,6 +64,7 @@ def test_the_critic_trains_on_offline_pairs_and_reports_held_out_accuracy(offlin
     # The updates move the critic the right way: it now prefers the chosen side of the pairs it trained on.
     assert trained["bt_loss"] < trained["bt_loss_first"] and trained["train_accuracy"] > 0.5, trained
     assert load_policy(run / "stages" / "critic" / "critic").config.vocab_size > 0
+    return trained
 
 
 def test_a_critic_without_pairs_or_data_stops_with_one_line(tmp_path):

@@ -4,6 +4,7 @@ simulator (concurrent episodes batched together; a server killed mid-episode end
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import sys
@@ -140,3 +141,50 @@ def test_a_server_killed_mid_episode_ends_the_episodes_as_env_errors(server_to_k
     # A random policy only asks; after the first reply the server is gone and each episode's next question fails.
     assert [t.termination for t in trajectories] == [ENV_ERROR, ENV_ERROR], [t.info for t in trajectories]
     assert all("did not answer" in t.info["error"] for t in trajectories)
+
+
+def _official_backend(folder, tasks):
+    """Offline tasks written as the official backend_tasks/{train,test}.jsonl files."""
+    folder.mkdir()
+    for split in ("train", "test"):
+        folder.joinpath(f"{split}.jsonl").write_text("".join(json.dumps(
+            {"problem_description": t.problem_description, "ground_truth": t.ground_truth,
+             "test_cases": json.dumps(t.test_cases)}) + "\n" for t in tasks))
+    return folder
+
+
+@pytest.mark.slow
+def test_the_sweet_colbench_llama8b_config_runs_short_with_a_tiny_model_and_the_served_simulator(
+        server, chat_model, tmp_path):
+    """The paper config end to end with a tiny model in place of Llama-3.1-8B: official-format data from
+    $JAXAGENT_COLBENCH_DATA, the openai simulator at $JAXAGENT_SIMULATOR_URL (our server), collect, critic, sweet."""
+    _, url = server
+    tasks = [offline_task(t) for t in offline_split("dev")[:4]]
+    data = _official_backend(tmp_path / "backend_tasks", tasks)
+    answer = "I WANT TO ANSWER:\n```python\n{}\n```"
+    offline = tmp_path / "offline.jsonl"  # a success and a failure per task: the critic's pairs
+    offline.write_text("".join(json.dumps(
+        {"task": {"task_id": f"train/{i}", "training_info": t.ground_truth}, "rollout_index": k,
+         "messages": [{"role": "user", "content": t.problem_description},
+                      {"role": "assistant", "content": answer.format(code)}], "reward": reward,
+         "success": reward == 1.0}) + "\n"
+        for i, t in enumerate(tasks) for k, (code, reward) in enumerate([(t.ground_truth, 1.0), ("pass", 0.0)])))
+    environment = {**os.environ, "JAXAGENT_MODEL_DIR": str(chat_model), "JAXAGENT_COLBENCH_DATA": str(data),
+                   "JAXAGENT_SIMULATOR_URL": url}
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxagent.train", "--config", "sweet_colbench_llama8b", f"run_dir={run}",
+         "progress=false", "model.dtype=float32", "collect.tasks=2", "collect.rollouts_per_task=2",
+         f"critic.data={offline}", "critic.held_out=0.0", "critic.replay=0", "critic.epochs=1",
+         f"sweet.data={offline}", "sweet.candidates=2", "sweet.pairs_per_turn=1", "rollout.max_tokens_per_turn=16",
+         "rollout.max_context=1024", "rollout.max_concurrent=8", "rollout.env_workers=4", "eval.tasks=2"],
+        env=environment, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    collected = [json.loads(line) for line in (run / "stages" / "collect" / "trajectories.jsonl").open()]
+    assert len(collected) == 4 and {r["task"]["task_id"] for r in collected} <= {f"train/{i}" for i in range(4)}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    critic, sweet = (r for r in records if r["kind"] == "train" and r["stage"] in ("critic", "sweet"))
+    assert critic["pairs"] == 4 and sweet["turns"] == 8 and sweet["candidates"] == 16, (critic, sweet)
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["stages"]) == ["collect", "critic", "sweet"]
+    assert summary["stages"]["sweet"]["eval_episodes"] == 2

@@ -17,7 +17,7 @@ from jaxagent.algorithms import loop as loop_algorithms
 from jaxagent.algorithms.batching import LogprobComputer
 from jaxagent.algorithms.common import evaluate
 from jaxagent.checkpoint import load_policy
-from jaxagent.config import load_config
+from jaxagent.config import ConfigError, load_config
 from jaxagent.evaluate import evaluate_run
 from jaxagent.train import train
 from jaxagent.update import UpdateConfig, init_train_state, make_update_step
@@ -265,3 +265,20 @@ def test_evaluate_repeats_the_final_table(micro_run):
     table = out.split("held-out evaluation")[1].split("run folder:")[0]
     assert table in "held-out evaluation" + cli.stdout.split("held-out evaluation")[1] + "\n" or \
         table.strip() in cli.stdout
+
+
+@pytest.mark.slow
+def test_a_run_can_start_from_another_runs_finished_stage(micro_run, tmp_path):
+    """init_from loads the stage's weights, architecture and tokenizer: a stage that leaves the policy unchanged
+    saves exactly the weights it started from, under the source run's tokenizer."""
+    source = micro_run[0] / "stages" / "sft"
+    train(load_config("tiny", MICRO + [f"init_from={source}", "stages=[collect]", "collect.tasks=1",
+                                       "collect.rollouts_per_task=1", "eval.tasks=1", f"run_dir={tmp_path}"]))
+    for saved, started in zip(leaves(tmp_path / "stages" / "collect" / "policy"), leaves(source / "policy")):
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(started))
+    tokenizer = "tokenizer.json"
+    assert (tmp_path / "stages" / "collect" / "policy" / "model" / tokenizer).read_bytes() == \
+        (source / "policy" / "model" / tokenizer).read_bytes()
+    assert not (tmp_path / "tokenizer").exists()  # no tokenizer of its own was trained
+    with pytest.raises(ConfigError, match="init_from=.*neither a finished stage's folder"):
+        train(load_config("tiny", MICRO + [f"init_from={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'bad'}"]))

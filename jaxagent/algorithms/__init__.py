@@ -1,7 +1,7 @@
-"""Outer training loops, one per stage kind: `sft` (behaviour cloning), the policy-gradient family in `loop`, and
-`eto` (explore, pairs against the expert, trajectory DPO) `collect` (offline trajectories for SWEET-RL) and
-`critic` (SWEET-RL's Bradley-Terry critic) and `dpo`
-(multi-turn DPO on offline pairs).
+"""Outer training loops, one per stage kind: `sft` (behaviour cloning), the policy-gradient family in `loop`,
+`eto` (explore, pairs against the expert, trajectory DPO), and SWEET-RL's `collect` (offline trajectories),
+`critic` (the Bradley-Terry critic), `sweet` (turn-level DPO ranked by the critic) and `dpo` (its multi-turn DPO
+baseline on offline pairs).
 
 Adding a stage kind: a module with `run(setup, stage_index, name, policy) -> (policy, eval_stats)`, one entry in
 `STAGE_RUNNERS` and its name in `jaxagent.choices.STAGES`.
@@ -9,12 +9,12 @@ Adding a stage kind: a module with `run(setup, stage_index, name, policy) -> (po
 
 from typing import Callable
 
-from jaxagent.algorithms import collect, critic, dpo, eto, loop, sft
+from jaxagent.algorithms import collect, critic, dpo, eto, loop, sft, sweet
 from jaxagent.errors import lookup
 
 STAGE_RUNNERS: dict[str, Callable] = {"sft": sft.run, **{name: loop.run for name in loop.ALGORITHMS},
                                       "eto": eto.run, "collect": collect.run,
-                                      "critic": critic.run, "dpo": dpo.run}
+                                      "critic": critic.run, "sweet": sweet.run, "dpo": dpo.run}
 
 
 def get_stage_runner(name: str) -> Callable:

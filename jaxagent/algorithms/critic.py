@@ -11,16 +11,21 @@
 4. The critic starts from the policy as the stage starts and trains its own copy of the policy's trainable part
    (its own LoRA adapters on the shared frozen base, or its own full parameters); the policy does not change.
 
-The critic is saved to `stages/<name>/critic` (a policy folder: `jaxagent.checkpoint.load_policy` reads it). The
-stage logs the pairs, the loss (log 2 at the first step, where the critic equals its reference), the accuracy on
-its training pairs after training, and the held-out pair accuracy before and after (a tie counts one half). Its
-held-out result is the previous stage's (the policy is unchanged). A run stopped during the stage trains the
-critic again from its start.
+The critic is saved to `stages/<name>/critic` (a policy folder: `jaxagent.checkpoint.load_policy` reads it), with
+`critic.json` (what it reads); its reference is the stage's unchanged policy, saved to `stages/<name>/policy` as
+every stage's is. The `sweet` stage reads that folder. The stage logs the pairs, the loss (log 2 at the first
+step, where the critic equals its reference), the accuracy on its training pairs after training, the held-out pair
+accuracy before and after (a tie counts one half), and the critic as a chooser: on the last turn of held-out
+trajectories, the success of its best-of-N pick among the policy's replies when replayed in the environment, beside
+a random pick's and the best pick's. Its held-out result is the previous stage's (the policy is unchanged). A run
+stopped during the stage trains the critic again from its start.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -32,7 +37,16 @@ from jaxagent.algorithms.batching import LogprobComputer
 from jaxagent.algorithms.collect import FILE as COLLECTED
 from jaxagent.algorithms.collect import held_out
 from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup
-from jaxagent.algorithms.pair_training import train_on_pairs
+from jaxagent.algorithms.pair_training import side_logprobs, train_on_pairs
+from jaxagent.algorithms.turn_candidates import (
+    CRITIC_SETTINGS,
+    Critic,
+    TurnPrefix,
+    sample_candidates,
+    score_candidates,
+    turn_prefixes,
+)
+from jaxagent.atomic import staged_file
 from jaxagent.checkpoint import Policy, save_policy
 from jaxagent.config import OptimConfig
 from jaxagent.errors import UserError
@@ -59,26 +73,78 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
                                    for pairs in (kept_out, train))
     before = pair_accuracy(start_kept_out, start_kept_out, kept_out, critic.score)
     state, trained = train_on_pairs(setup, state, frozen, train, settings, critic.epochs, critic.batch_size,
-                                    (config.seed, 10_007 + stage_index), logprobs)
+                                    (config.seed, 10_007 + stage_index), logprobs, start_train)
     learned = PolicyParams.from_state(state, frozen)
     after = pair_accuracy(side_logprobs(learned, kept_out, logprobs, critic.batch_size), start_kept_out, kept_out,
                           critic.score)
     fitted = pair_accuracy(side_logprobs(learned, train, logprobs, critic.batch_size), start_train, train,
                            critic.score)
+    folder = setup.run_dir / "stages" / name
     if distributed.is_first():
-        save_policy(setup.run_dir / "stages" / name / "critic",
+        save_policy(folder / "critic",
                     Policy(setup.model, learned.params, setup.lora, learned.lora_params, setup.tokenizer_dir))
+        with staged_file(folder / CRITIC_SETTINGS) as tmp:  # what the sweet stage needs to read it as trained
+            tmp.write_text(json.dumps({"use_info": critic.use_info, "score": critic.score}))
     distributed.barrier(f"saved the critic of {name}")
+    replayed = replay_best_of(setup, policy, Critic(learned, policy, critic.use_info), kept_out, logprobs,
+                              jax.random.fold_in(jax.random.key(config.seed), 11_000_027 + stage_index))
     loop.log(1, "train", {"pairs": len(train), "held_out_pairs": len(kept_out), "bt_loss_first": trained["loss_first"],
                           "bt_loss": trained["loss"], "updates": trained["updates"],
-                          "train_accuracy": fitted, "held_out_accuracy_start": before, "held_out_accuracy": after})
+                          "train_accuracy": fitted, "held_out_accuracy_start": before, "held_out_accuracy": after,
+                          **replayed})
     return policy, held_out(setup, loop, policy)
+
+
+def replay_best_of(setup: Setup, policy: PolicyParams, critic: Critic, kept_out: list[Pair],
+                   logprobs: LogprobComputer, key: jax.Array) -> dict:
+    """The critic as a chooser: on the last turn of up to `critic.replay` held-out trajectories the policy samples
+    `critic.candidates` replies, every reply is replayed in the environment (the dialogue's earlier agent turns,
+    then the reply), and the success of the critic's pick is reported beside a random pick's (the mean over all
+    replies) and the best possible pick's."""
+    settings = setup.config.critic
+    tasks = {pair.chosen.task_id for pair in kept_out}
+    records = [r for r in read_trajectories(_data_path(setup)) if r["task"]["task_id"] in tasks][:settings.replay]
+    prefixes = turn_prefixes(setup, records, last_only=True)
+    if not prefixes:
+        return {}
+    candidates = sample_candidates(setup, policy, prefixes, settings.candidates, 1.0, key)
+    scores = score_candidates(setup, critic, logprobs, prefixes, candidates, settings.batch_size)
+    jobs = [(prefix, text) for prefix, texts in zip(prefixes, candidates) for text in texts]
+    with ThreadPoolExecutor(setup.config.rollout.env_workers) as pool:
+        success = np.array(list(pool.map(lambda job: replay(setup, *job), jobs)), np.float64)
+    success = success.reshape(len(prefixes), settings.candidates)
+    picked = [row[int(np.nanargmax(s))] if not np.isnan(s).all() else row.mean() for row, s in zip(success, scores)]
+    n = settings.candidates
+    return {"replayed_turns": len(prefixes), f"best_of_{n}_success": float(np.mean(picked)),
+            f"random_of_{n}_success": float(success.mean()), f"oracle_of_{n}_success": float(success.max(1).mean())}
+
+
+def replay(setup: Setup, prefix: TurnPrefix, text: str) -> float:
+    """1.0 when the dialogue of `prefix` followed by the reply `text` ends in success, else 0.0 (a reply that does
+    not end the episode is scored as the episode stands, as the harness would)."""
+    env = setup.make_env(prefix.record["task"]["task_id"], int(prefix.record.get("rollout_index", 0)))
+    try:
+        env.reset()
+        earlier = [m["content"] for m in prefix.messages if m["role"] == "assistant"]
+        for turn in earlier:
+            if env.step(turn).done:
+                return 0.0
+        result = env.step(text)
+        info = result.info if result.done else env.evaluate().info
+        return float(bool(info.get("success")))
+    finally:
+        env.close()
 
 
 def _pairs(setup: Setup) -> tuple[list[Pair], list[Pair]]:
     """(training pairs, held-out pairs) as the critic reads them."""
     critic = setup.config.critic
     return offline_pairs(setup, critic.data, critic.use_info, critic.held_out)
+
+
+def _data_path(setup: Setup) -> Path:
+    return Path(setup.config.critic.data) if setup.config.critic.data else (
+        setup.run_dir / "stages" / "collect" / COLLECTED)
 
 
 def offline_pairs(setup: Setup, data: str, with_info: bool, held_out: float) -> tuple[list[Pair], list[Pair]]:
@@ -113,12 +179,6 @@ def _initial_state(policy: PolicyParams, settings: UpdateConfig):
     """The critic's own copy of the policy's trainable part (the update step donates its state's buffers; the
     policy's must survive: it is the critic's reference and the stage's result)."""
     return init_train_state(jax.tree.map(jnp.copy, policy.trainable()), settings)
-
-
-def side_logprobs(model: PolicyParams, pairs: list[Pair], logprobs: LogprobComputer, rows: int) -> list[np.ndarray]:
-    """Per-token log-probs of each pair's chosen then rejected side under `model`."""
-    sides = [t for pair in pairs for t in (pair.chosen, pair.rejected)]
-    return logprobs(model.params, model.lora_params, None, sides, rows)[0] if sides else []
 
 
 def pair_accuracy(critic_logp: list[np.ndarray], reference_logp: list[np.ndarray], pairs: list[Pair],

@@ -16,7 +16,7 @@ import numpy as np
 from jaxagent.algorithms.batching import LogprobComputer
 from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup, eval_seed, evaluate
 from jaxagent.algorithms.critic import offline_pairs
-from jaxagent.algorithms.pair_training import train_on_pairs
+from jaxagent.algorithms.pair_training import side_logprobs, train_on_pairs
 from jaxagent.config import OptimConfig
 from jaxagent.pairs import Pair
 from jaxagent.update import LossConfig, UpdateConfig, init_train_state
@@ -33,10 +33,9 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
     _, state = setup.placement.update_step(settings, init_train_state(policy.trainable(), settings), frozen)
     logprobs = LogprobComputer(setup.model, setup.lora, 1.0, place=setup.placement.batch,
                                fetch=setup.placement.fetch)
-    sides = [t for pair in pairs for t in (pair.chosen, pair.rejected)]
-    reference = logprobs(policy.params, policy.lora_params, None, sides, dpo.batch_size)[0]  # before any update
+    reference = side_logprobs(policy, pairs, logprobs, dpo.batch_size)  # before any update
     state, trained = train_on_pairs(setup, state, frozen, pairs, settings, dpo.epochs, dpo.batch_size,
-                                    (config.seed, 20_011 + stage_index), logprobs)
+                                    (config.seed, 20_011 + stage_index), logprobs, reference)
     learned = PolicyParams.from_state(state, frozen)
     loop.log(1, "train", {"pairs": len(pairs), "dpo_loss_first": trained["loss_first"], "dpo_loss": trained["loss"],
                           "updates": trained["updates"],

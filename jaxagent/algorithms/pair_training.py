@@ -1,7 +1,7 @@
 """Epochs of updates on preference pairs against a fixed reference: ETO's trajectory DPO and SWEET-RL's critic.
 
 The reference is the trained model as the call starts: its log-probs of both sides of every pair are computed once,
-before the first update, and stored with the pairs (LoRA adapters or full parameters alike). Each call starts a
+before the first update (or given by the caller, who has them for its own metrics), and stored with the pairs (LoRA adapters or full parameters alike). Each call starts a
 fresh optimizer from `settings`, shuffles the pairs every epoch (seeded) and pads the last batch with invalid pairs.
 """
 
@@ -15,19 +15,21 @@ import numpy as np
 
 from jaxagent.algorithms.batching import LogprobComputer
 from jaxagent.algorithms.common import PolicyParams, Setup
-from jaxagent.pairs import Pair, with_reference
+from jaxagent.pairs import Pair, pair_batch
 from jaxagent.update import UpdateConfig, init_train_state
 
 
 def train_on_pairs(setup: Setup, state, frozen: dict, pairs: Sequence[Pair], settings: UpdateConfig, epochs: int,
-                   batch_size: int, seed: Sequence[int], logprobs: LogprobComputer) -> tuple[object, dict]:
+                   batch_size: int, seed: Sequence[int], logprobs: LogprobComputer,
+                   reference_logp: list[np.ndarray] | None = None) -> tuple[object, dict]:
     """`epochs` passes over `pairs` in batches of `batch_size`; returns the state and {loss_first, loss, updates}
-    (loss: the mean over the last epoch)."""
+    (loss: the mean over the last epoch). `reference_logp`: the `side_logprobs` of the state's model, when the
+    caller has them already."""
     steps_per_epoch = math.ceil(len(pairs) / batch_size)
     update, state = setup.placement.update_step(settings, init_train_state(state.trainable, settings), frozen)
-    start = PolicyParams.from_state(state, frozen)
-    reference = with_reference(pairs, lambda sides: logprobs(start.params, start.lora_params, None, sides,
-                                                            batch_size)[0])
+    if reference_logp is None:
+        reference_logp = side_logprobs(PolicyParams.from_state(state, frozen), pairs, logprobs, batch_size)
+    reference = pair_batch(pairs, None, list(zip(reference_logp[::2], reference_logp[1::2])))
     losses, step = [], 0
     for epoch in range(epochs):
         order = np.random.default_rng([*seed, epoch]).permutation(len(pairs))
@@ -38,6 +40,13 @@ def train_on_pairs(setup: Setup, state, frozen: dict, pairs: Sequence[Pair], set
                                     jax.random.fold_in(jax.random.key(seed[0]), 7919 * seed[-1] + step))
             losses.append(float(metrics["loss"]))
     return state, {"loss_first": losses[0], "loss": float(np.mean(losses[-steps_per_epoch:])), "updates": step}
+
+
+def side_logprobs(model: PolicyParams, pairs: Sequence[Pair], logprobs: LogprobComputer, rows: int
+                  ) -> list[np.ndarray]:
+    """Per-token log-probs of each pair's chosen then rejected side under `model` (c0, r0, c1, r1, ...)."""
+    sides = [t for pair in pairs for t in (pair.chosen, pair.rejected)]
+    return logprobs(model.params, model.lora_params, None, sides, rows)[0] if sides else []
 
 
 def take(batch, rows: np.ndarray, size: int):

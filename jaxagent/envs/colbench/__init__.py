@@ -2,8 +2,9 @@
 request, then write the function; reward = the fraction of hidden test calls the answer gets right.
 
 `env.options`:
-* `data`: `offline` (default: the generated task families, train / dev / test) or the folder holding the official
-  `train.jsonl` and `test.jsonl` (HF dataset facebook/collaborative_agent_bench, `backend_tasks/`);
+* `data`: `offline` (default: the generated task families, train / dev / test), the folder holding the official
+  `train.jsonl` and `test.jsonl` (HF dataset facebook/collaborative_agent_bench, `backend_tasks/`), or `official`:
+  that folder from $JAXAGENT_COLBENCH_DATA;
 * `simulator`: `scripted` (default; offline tasks only), `openai` (a chat endpoint at `simulator_url`, or
   $JAXAGENT_SIMULATOR_URL; `simulator_model`, `simulator_timeout_s`, `simulator_retries`) or `local` (the model
   folder `simulator_model`, loaded and sampled by jaxagent); see `simulator`;
@@ -12,6 +13,7 @@ request, then write the function; reward = the fraction of hidden test calls the
 
 from __future__ import annotations
 
+import os
 import threading
 
 from jaxagent.envs.base import EnvError, EnvSpec
@@ -21,6 +23,7 @@ from jaxagent.envs.colbench.simulator import make_simulator
 from jaxagent.envs.colbench.tasks import OFFLINE_SPLITS, Task, offline_split, offline_task, read_official
 from jaxagent.envs.sandbox import Sandbox, SandboxError
 
+DATA_ENV = "JAXAGENT_COLBENCH_DATA"
 OPTIONS = ("data", "simulator", "simulator_url", "simulator_model", "simulator_timeout_s", "simulator_retries",
            "isolation", "service")
 
@@ -30,7 +33,13 @@ def _check(options: dict) -> dict:
     if unknown:
         raise EnvError(f"unknown ColBench option(s) {', '.join(unknown)} in env.options; valid: "
                        f"{', '.join(OPTIONS[:-1])}")
-    return {"data": "offline", "simulator": "scripted", "isolation": "namespaces", **options}
+    options = {"data": "offline", "simulator": "scripted", "isolation": "namespaces", **options}
+    if options["data"] == "official":  # the official files' folder, named by the environment
+        if not os.environ.get(DATA_ENV):
+            raise EnvError(f"env.options.data=official needs ${DATA_ENV}: the folder holding ColBench's "
+                           "backend_tasks/train.jsonl and test.jsonl (HF dataset facebook/collaborative_agent_bench)")
+        options["data"] = os.environ[DATA_ENV]
+    return options
 
 
 class Service:
