@@ -10,13 +10,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_critic import CRITIC_MICRO, check_critic_record, offline_file  # noqa: F401 - offline_file: a fixture
 
 from jaxagent.algorithms.sweet import ranked_pairs
 from jaxagent.algorithms.turn_candidates import TurnPrefix, turn_trajectory, with_reply
 from jaxagent.sweet_data import INFO_HEADER, critic_messages
 
 from conftest import micro_train_command
-from test_critic import CRITIC_MICRO, check_critic_record, offline_file  # noqa: F401 - offline_file: a fixture
+
 
 @pytest.fixture(scope="module")
 def tiny_renderer():
@@ -42,7 +43,8 @@ def test_every_pair_takes_its_chosen_reply_from_the_better_half_and_its_rejected
     cut = scored[len(scored) // 2 - 1]  # the lowest score of the better half
     assert len(pairs) == 4
     for _, chosen, rejected, better, worse in pairs:
-        assert better >= cut > worse and better == scores[texts.index(chosen)] and worse == scores[texts.index(rejected)]
+        assert better >= cut > worse
+        assert better == scores[texts.index(chosen)] and worse == scores[texts.index(rejected)]
     assert len({p[1] for p in pairs}) == 4 and len({p[2] for p in pairs}) == 4  # each reply used once
 
 
@@ -77,8 +79,8 @@ def test_sweet_trains_the_policy_on_critic_ranked_replies_after_the_critic(offli
     run = tmp_path / "run"
     proc = subprocess.run(micro_train_command(
         run, *CRITIC_MICRO, "stages=[critic,sweet]", f"critic.data={offline_file}", "critic.replay=2",
-        "critic.candidates=4", f"sweet.data={offline_file}", "sweet.trajectories=6", "sweet.candidates=4", "sweet.pairs_per_turn=2",
-        "sweet.lr=1e-2", "sweet.epochs=2", "sweet.batch_size=8"),
+        "critic.candidates=4", f"sweet.data={offline_file}", "sweet.trajectories=6", "sweet.candidates=4",
+        "sweet.pairs_per_turn=2", "sweet.lr=1e-2", "sweet.epochs=2", "sweet.batch_size=8"),
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     critic = check_critic_record(run)  # the critic with the reference and the paper's per-turn score

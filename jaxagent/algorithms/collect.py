@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 
@@ -50,6 +51,11 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
             tmp.write_text("".join(json.dumps(record(t, information[t.task_id])) + "\n" for t in trajectories))
     loop.log(1, "collect", rollout_stats(trajectories))
     return policy, held_out(setup, loop, policy)
+
+
+def trajectories_file(setup: Setup, data: str) -> Path:
+    """The offline trajectories a stage reads: `data`, or (empty) this run's collect stage's file."""
+    return Path(data) if data else setup.run_dir / "stages" / "collect" / FILE
 
 
 def training_info(setup: Setup, task_id: str) -> str | None:

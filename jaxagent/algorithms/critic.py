@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +33,7 @@ import numpy as np
 
 from jaxagent import distributed
 from jaxagent.algorithms.batching import LogprobComputer
-from jaxagent.algorithms.collect import FILE as COLLECTED
-from jaxagent.algorithms.collect import held_out
+from jaxagent.algorithms.collect import held_out, trajectories_file
 from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup
 from jaxagent.algorithms.pair_training import side_logprobs, train_on_pairs
 from jaxagent.algorithms.turn_candidates import (
@@ -103,7 +101,8 @@ def replay_best_of(setup: Setup, policy: PolicyParams, critic: Critic, kept_out:
     replies) and the best possible pick's."""
     settings = setup.config.critic
     tasks = {pair.chosen.task_id for pair in kept_out}
-    records = [r for r in read_trajectories(_data_path(setup)) if r["task"]["task_id"] in tasks][:settings.replay]
+    records = [r for r in read_trajectories(trajectories_file(setup, settings.data))
+               if r["task"]["task_id"] in tasks][:settings.replay]
     prefixes = turn_prefixes(setup, records, last_only=True)
     if not prefixes:
         return {}
@@ -142,15 +141,10 @@ def _pairs(setup: Setup) -> tuple[list[Pair], list[Pair]]:
     return offline_pairs(setup, critic.data, critic.use_info, critic.held_out)
 
 
-def _data_path(setup: Setup) -> Path:
-    return Path(setup.config.critic.data) if setup.config.critic.data else (
-        setup.run_dir / "stages" / "collect" / COLLECTED)
-
-
 def offline_pairs(setup: Setup, data: str, with_info: bool, held_out: float) -> tuple[list[Pair], list[Pair]]:
     """(training pairs, held-out pairs) of a trajectories file (empty `data`: this run's collect stage's), each side
     tokenized as the reader sees it: with the training-time information in front, or the agent's own view."""
-    path = Path(data) if data else setup.run_dir / "stages" / "collect" / COLLECTED
+    path = trajectories_file(setup, data)
     records = read_trajectories(path)
     train, kept_out = split_by_task(critic_pairs(records), held_out, setup.config.seed)
     as_pairs = [[Pair(*sides, chosen_is_expert=False) for sides in

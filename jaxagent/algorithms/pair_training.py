@@ -1,8 +1,10 @@
-"""Epochs of updates on preference pairs against a fixed reference: ETO's trajectory DPO and SWEET-RL's critic.
+"""Epochs of updates on preference pairs against a fixed reference: ETO's trajectory DPO, SWEET-RL's critic, its
+turn-level DPO and its multi-turn DPO baseline.
 
 The reference is the trained model as the call starts: its log-probs of both sides of every pair are computed once,
-before the first update (or given by the caller, who has them for its own metrics), and stored with the pairs (LoRA adapters or full parameters alike). Each call starts a
-fresh optimizer from `settings`, shuffles the pairs every epoch (seeded) and pads the last batch with invalid pairs.
+before the first update (or given by the caller, who has them for its own metrics), and stored with the pairs (LoRA
+adapters or full parameters alike). Each call starts a fresh optimizer from `settings`, shuffles the pairs every
+epoch (seeded) and pads the last batch with invalid pairs.
 """
 
 from __future__ import annotations

@@ -25,15 +25,15 @@ import jax
 import numpy as np
 
 from jaxagent.algorithms.batching import LogprobComputer
-from jaxagent.algorithms.collect import FILE as COLLECTED
+from jaxagent.algorithms.collect import trajectories_file
 from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup, eval_seed, evaluate
 from jaxagent.algorithms.dpo import margin_accuracy, update_config
 from jaxagent.algorithms.pair_training import side_logprobs, train_on_pairs
 from jaxagent.algorithms.turn_candidates import (
     TurnPrefix,
-    score_candidates,
     load_critic,
     sample_candidates,
+    score_candidates,
     turn_prefixes,
     turn_trajectory,
     with_reply,
@@ -85,7 +85,7 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
 
 def _records(setup: Setup) -> list[dict]:
     sweet = setup.config.sweet
-    records = read_trajectories(sweet.data or setup.run_dir / "stages" / "collect" / COLLECTED)
+    records = read_trajectories(trajectories_file(setup, sweet.data))
     if sweet.trajectories and sweet.trajectories < len(records):
         records = random.Random(setup.config.seed).sample(records, sweet.trajectories)
     return records
