@@ -140,19 +140,42 @@ def become_plain_user() -> None:
     # The interpreter, the virtual environment and this checkout may sit under a folder only root can enter (a
     # fresh clone in a 0700 temporary folder): cover such folders and mount those three back, so the plain user
     # reaches them as it would in its own checkout.
-    needed = (sys.base_prefix, sys.prefix, str(Path(__file__).resolve().parents[1]))
+    needed = tuple(os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, Path(__file__).resolve().parents[1]))
     closed = sorted({blocked for path in needed if (blocked := sandbox_isolation.closed_ancestor(path))})
-    if closed:
+    # A needed folder that is itself closed (the clone's own 0700 folder) would come back closed: open it instead.
+    closed_needed = [path for path in needed if not os.stat(path).st_mode & 0o001]
+    if closed or closed_needed:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.unshare(sandbox_isolation.CLONE_NEWNS) or libc.mount(
                 None, b"/", None, sandbox_isolation.MS_REC | sandbox_isolation.MS_PRIVATE, None):
             raise OSError(ctypes.get_errno(), "a private mount namespace")
-        sandbox_isolation.hide_folders([c for c in closed if not any(
-            c != other and c.startswith(other + os.sep) for other in closed)], needed)
+        outer = [c for c in closed if c not in closed_needed
+                 and not any(c != other and c.startswith(other + os.sep) for other in closed)]
+        sandbox_isolation.hide_folders(outer, needed)
+        for path in closed_needed:
+            open_folder(libc, path)
     os.setgroups([])
     os.setgid(PLAIN_USER)
     os.setuid(PLAIN_USER)
 
+
+def open_folder(libc, path: str) -> None:
+    """Covers `path` with a tmpfs anyone may enter and binds each of its entries back, so others reach what the
+    entries' own modes allow (only in this process's mount namespace)."""
+    original = os.open(path, os.O_PATH | os.O_DIRECTORY)
+    entries = os.listdir(f"/proc/self/fd/{original}")
+    if libc.mount(b"none", path.encode(), b"tmpfs", sandbox_isolation.MS_NOSUID, b"mode=755,size=1m"):
+        raise OSError(ctypes.get_errno(), f"cover {path}")
+    for name in entries:
+        source, target = f"/proc/self/fd/{original}/{name}", os.path.join(path, name)
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), target)
+            continue
+        os.mkdir(target) if os.path.isdir(source) else Path(target).touch()
+        if libc.mount(source.encode(), target.encode(), None, sandbox_isolation.MS_BIND | sandbox_isolation.MS_REC,
+                      None):
+            raise OSError(ctypes.get_errno(), f"bind {target}")
+    os.close(original)
 
 if __name__ == "__main__":
     if sys.argv[1] == "--as-plain-user":
