@@ -108,7 +108,9 @@ class Placement:
     def update_step(self, config: UpdateConfig, state: TrainState, frozen: dict) -> tuple[UpdateStep, TrainState]:
         """The jitted update step for states shaped like `state`, and `state` moved to where the step wants it."""
         if self.mesh is None:
-            return make_update_step(self.model, config, self.lora), state
+            # Committed like the step's outputs: a fresh state's scalar counters are not, and jit would compile
+            # the step a second time for the state the first step returns.
+            return make_update_step(self.model, config, self.lora), jax.device_put(state, jax.local_devices()[0])
         shardings = StepShardings(train_state_shardings(state, self.model, self.mesh, config, self.lora),
                                   {"params": self.param_shardings()[0]} if frozen else {})
         return (make_update_step(self.model, config, self.lora, shardings=shardings),

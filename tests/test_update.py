@@ -13,6 +13,7 @@ import pytest
 from jaxagent.config import ConfigError
 from jaxagent.models import LoraConfig, ModelConfig, forward, init_params
 from jaxagent.models.heads import init_value_head
+from jaxagent.placement import Placement
 from jaxagent.update import (
     LossConfig,
     NonFiniteError,
@@ -323,3 +324,16 @@ def test_adapters_and_their_optimizer_state_stay_float32_under_a_bfloat16_base()
     chex.assert_trees_all_close(results[0], results[1], atol=1e-7, rtol=1e-6)
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(lora_params)))
     assert moved > 1e-5  # the steps did update the adapters
+
+
+def test_a_placed_fresh_state_and_the_state_a_step_returns_share_one_compilation(weights):
+    """The run's fresh train state is placed as the step's outputs are, so the second step reuses the first one's
+    program (an uncommitted counter in the fresh state cost every stage a second compilation)."""
+    params, lora_params = jax.device_put(weights, jax.devices()[0])  # committed, as a restored policy is
+    config = UpdateConfig(loss=LossConfig(kind="sft"), optim=OptimConfig(lr=1e-3))
+    step, state = Placement(MODEL, LORA).update_step(config, _fresh_state({"lora": lora_params}, config),
+                                                     {"params": params})
+    batch = _batch(params, lora_params, seed=9)
+    for i in range(3):
+        state, _ = step(state, {"params": params}, batch, jax.random.key(i))
+    assert step.step._cache_size() == 1
