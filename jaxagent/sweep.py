@@ -1,6 +1,6 @@
 """Run a grid of training runs (rows × seeds) and tabulate their held-out results: `python -m jaxagent.sweep`.
 
-    python -m jaxagent.sweep --sweep loop_ratios         # configs/sweeps/loop_ratios.yaml, into runs/sweep-loop_ratios
+    python -m jaxagent.sweep --sweep loop_paper          # configs/sweeps/loop_paper.yaml, into runs/sweep-loop_paper
     python -m jaxagent.sweep --configs tiny tiny_grpo --seeds 0 1 --out runs/mine  loop.iterations=4
 
 A sweep file names the rows of the comparison, each a config plus overrides, and the seeds:

@@ -108,7 +108,7 @@ def _exit_code(argv: list[str]) -> int:
     return run_main(main, argv)
 
 
-def test_the_paper_comparisons_are_sweep_files_that_plan():
-    for name in ("loop_ratios", "loop_baselines", "loop_rwnorm"):
-        runs = plan(load_sweep(name), Path(os.devnull))
-        assert runs[0].label == "SFT" and {r.seed for r in runs} == {0, 1, 2}
+def test_the_paper_comparison_is_a_sweep_file_that_plans():
+    runs = plan(load_sweep("loop_paper"), Path(os.devnull))
+    assert runs[0].label == "SFT" and {r.seed for r in runs} == {0, 1, 2}
+    assert len(runs) == 3 * (1 + 9)
