@@ -151,6 +151,7 @@ class SftSection:
     mistake_rate: float = 0.0  # the expert's rate of each mistake kind (mixed-quality demonstrations)
     epochs: int = 3
     batch_size: int = 16
+    group_by_length: bool = False  # batch demonstrations of similar length (less padding; see algorithms/sft.py)
     per: str = "token"  # loss mean over all model tokens ("token") or per trajectory first ("trajectory")
     log_every: int = 10  # steps per metrics record
     checkpoint_every: int = 50  # steps per checkpoint

@@ -16,6 +16,10 @@ import numpy as np
 
 from jaxagent.trajectory import Trajectory
 
+# Wall-clock fields of metrics records: they differ between runs that are otherwise identical (a resumed run and
+# an uninterrupted one), so comparisons of records leave them out.
+TIMING_KEYS = frozenset({"seconds", "rollout_s", "learn_s", "eval_s"})
+
 _PLACEHOLDER = re.compile(r"dummy|placeholder|555-0000|example\.com", re.I)
 _ERROR = re.compile(r"Traceback|Error:|Exception")
 _ASSUME = re.compile(r"\bassum", re.I)

@@ -19,6 +19,7 @@ from jaxagent.data import play_expert
 from jaxagent.envs.colbench import Service
 from jaxagent.envs.colbench.tasks import offline_split, offline_task
 from jaxagent.envs.registry import make_env
+from jaxagent.metrics import TIMING_KEYS
 
 from conftest import micro_train_command
 
@@ -86,7 +87,7 @@ def _critic_leaves(run) -> list:
 
 
 def _records(run) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 

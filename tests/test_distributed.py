@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jaxagent import distributed
+from jaxagent.metrics import TIMING_KEYS
 
 from conftest import micro_train_command
 
@@ -56,7 +57,7 @@ def finish(procs: list[subprocess.Popen], run_dir: Path) -> None:
 
 
 def records(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

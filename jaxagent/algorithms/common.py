@@ -21,7 +21,7 @@ from jaxagent.checkpoint import StageCheckpoints
 from jaxagent.config import RolloutConfig, TrainConfig
 from jaxagent.envs.base import Environment
 from jaxagent.envs.registry import get_spec, list_tasks
-from jaxagent.metrics import MetricsLog, best_of_n, goal_completion, rollout_stats
+from jaxagent.metrics import TIMING_KEYS, MetricsLog, best_of_n, goal_completion, rollout_stats
 from jaxagent.models.config import ModelConfig
 from jaxagent.models.lora import LoraConfig
 from jaxagent.placement import Placement
@@ -185,7 +185,8 @@ class IterationLoop:
                  and r["kind"] == "eval"]
         if not evals:
             raise RuntimeError(f"stage {self.name} has no evaluation record in {self.setup.metrics.path}")
-        return {k: v for k, v in evals[-1].items() if k not in ("stage", "stage_index", "kind", "seconds")}
+        dropped = {"stage", "stage_index", "kind", *TIMING_KEYS}
+        return {k: v for k, v in evals[-1].items() if k not in dropped}
 
     def close(self) -> None:
         if self._bar is not None:

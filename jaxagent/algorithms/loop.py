@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from typing import Callable, NamedTuple
 
 import jax
@@ -183,16 +184,21 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
         for iteration in loop.progress(start):
             rng, rollout_key, update_key = jax.random.split(rng, 3)
             current = PolicyParams.from_state(state, frozen)
+            started = time.perf_counter()
             trajectories = collect_groups(setup, current, next(batches), loop_cfg.rollouts_per_task, config.rollout,
                                           rollout_key)
+            rolled = time.perf_counter()
             state, stats = _learn(stage, state, trajectories, iteration,
                                   np.random.default_rng([config.seed, stage_index, iteration]), update_key)
+            # Where an iteration's time goes: playing the episodes vs the learner's log-probs and updates.
+            stats.update(rollout_s=round(rolled - started, 2), learn_s=round(time.perf_counter() - rolled, 2))
             loop.show(reward=stats["reward"], success=stats["success"])
             loop.log(iteration, "train", stats)
             if iteration % config.eval.every == 0 or iteration == loop_cfg.iterations:
+                started = time.perf_counter()
                 eval_stats, _ = evaluate(setup, PolicyParams.from_state(state, frozen),
                                          seed=eval_seed(config, stage_index, iteration))
-                loop.log(iteration, "eval", eval_stats)
+                loop.log(iteration, "eval", {**eval_stats, "eval_s": round(time.perf_counter() - started, 2)})
                 loop.show(reward=stats["reward"], eval_success=eval_stats["success"])
             loop.maybe_checkpoint(iteration, state, {"rng": key_to_json(rng), "data": batches.get_state()})
     finally:

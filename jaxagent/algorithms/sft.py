@@ -2,7 +2,8 @@
 
 The demonstrations are played once through the real environment (or read from a JSONL file), rendered with the
 chat template into ids and model-token masks, and cached in the run folder, so a resumed run trains on exactly the
-same data. Each epoch visits them in a seeded random order; the position (step) is the data state a checkpoint keeps.
+same data. Each epoch visits them in a seeded random order (with `sft.group_by_length`, batched by similar length
+within windows of that order); the position (step) is the data state a checkpoint keeps.
 """
 
 from __future__ import annotations
@@ -80,12 +81,14 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
     if start == 1:
         loop.log(0, "data", {"demos": len(records), "demo_reward": float(np.mean(demo_rewards)),
                              "demo_success": float(np.mean([r >= 1.0 for r in demo_rewards]))})
-    losses = []
+    losses, order, lengths = [], None, [len(r.token_ids) for r in records]
     try:
         for step in loop.progress(start):
             epoch, position = divmod(step - 1, steps_per_epoch)
-            order = np.random.default_rng([config.seed, stage_index, epoch]).permutation(len(records))
-            chosen = order[position * sft.batch_size:(position + 1) * sft.batch_size]
+            if position == 0 or order is None:  # an epoch's batches depend only on its number: a resume redraws them
+                order = epoch_batches(lengths, sft.batch_size, sft.group_by_length,
+                                      np.random.default_rng([config.seed, stage_index, epoch]))
+            chosen = order[position]
             batch = setup.placement.batch(sequence_batch([records[i] for i in chosen], rows=sft.batch_size))
             state, metrics = update(state, frozen, batch, jax.random.fold_in(jax.random.key(config.seed), step))
             losses.append(float(metrics["loss"]))
@@ -102,6 +105,28 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
     finally:
         loop.close()
     return PolicyParams.from_state(state, frozen), loop.last_eval()
+
+
+# With `group_by_length`, demonstrations of similar length are batched together within windows of this many
+# batches: a batch pads to its longest row, so this trains on far fewer padding tokens while every window still
+# mixes the epoch's random order.
+GROUP_WINDOW_BATCHES = 16
+
+
+def epoch_batches(lengths: list[int], batch_size: int, group_by_length: bool, rng: np.random.Generator
+                  ) -> list[np.ndarray]:
+    """One epoch's batches of record indices: a random order cut into batches, or, grouping by length, each window
+    of the random order sorted by length and cut into batches, the batches then visited in a random order."""
+    order = rng.permutation(len(lengths))
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * GROUP_WINDOW_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        part = order[start:start + window]
+        part = part[np.argsort([-lengths[i] for i in part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def update_config(sft) -> UpdateConfig:
