@@ -171,11 +171,15 @@ def open_folder(libc, path: str) -> None:
         if os.path.islink(source):
             os.symlink(os.readlink(source), target)
             continue
-        os.mkdir(target) if os.path.isdir(source) else Path(target).touch()
+        if os.path.isdir(source):
+            os.mkdir(target)
+        else:
+            Path(target).touch()
         if libc.mount(source.encode(), target.encode(), None, sandbox_isolation.MS_BIND | sandbox_isolation.MS_REC,
                       None):
             raise OSError(ctypes.get_errno(), f"bind {target}")
     os.close(original)
+
 
 if __name__ == "__main__":
     if sys.argv[1] == "--as-plain-user":

@@ -81,14 +81,14 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
     if start == 1:
         loop.log(0, "data", {"demos": len(records), "demo_reward": float(np.mean(demo_rewards)),
                              "demo_success": float(np.mean([r >= 1.0 for r in demo_rewards]))})
-    losses, order, lengths = [], None, [len(r.token_ids) for r in records]
+    losses, batches, lengths = [], None, [len(r.token_ids) for r in records]
     try:
         for step in loop.progress(start):
             epoch, position = divmod(step - 1, steps_per_epoch)
-            if position == 0 or order is None:  # an epoch's batches depend only on its number: a resume redraws them
-                order = epoch_batches(lengths, sft.batch_size, sft.group_by_length,
+            if position == 0 or batches is None:  # an epoch's batches depend only on its number: a resume redraws them
+                batches = epoch_batches(lengths, sft.batch_size, sft.group_by_length,
                                       np.random.default_rng([config.seed, stage_index, epoch]))
-            chosen = order[position]
+            chosen = batches[position]
             batch = setup.placement.batch(sequence_batch([records[i] for i in chosen], rows=sft.batch_size))
             state, metrics = update(state, frozen, batch, jax.random.fold_in(jax.random.key(config.seed), step))
             losses.append(float(metrics["loss"]))
