@@ -106,7 +106,10 @@ def sequence_logprobs(params: dict, config: ModelConfig, tokens_NxT: jax.Array, 
                   dropout_rng=dropout_rng, with_logits=False)
     logp = token_logprobs(out.hidden_BxTxD, output_kernel(params, config), tokens_NxT, temperature, chunk,
                           dtype=config.dtype)
-    logp = jnp.where(segment_ids_NxT != 0, logp, 0.0)
+    # A segment's first token has nothing before it to be predicted from (in a packed row, the previous token is
+    # another trajectory's): 0, as at position 0.
+    previous = jnp.pad(segment_ids_NxT[:, :-1], ((0, 0), (1, 0)))
+    logp = jnp.where((segment_ids_NxT != 0) & (segment_ids_NxT == previous), logp, 0.0)
     values = value_estimates(out.hidden_BxTxD, value_head) if value_head is not None else None
     return logp, values
 
@@ -140,14 +143,28 @@ def score_sequences(model: ModelConfig, config: LossConfig, lora: LoraConfig | N
 
     def score(trainable: dict, frozen: dict, batch: SequenceBatch, rng: jax.Array) -> Scored:
         params, lora_params, dropout = _policy_inputs(trainable, frozen, rng, lora)
-        logp, values = sequence_logprobs(params, model, batch.tokens_NxT, batch.segment_ids_NxT, lora_params, lora,
-                                         config.temperature, config.logprob_chunk, trainable.get("value_head"),
-                                         dropout)
+        tokens, segments, unpack = _model_rows(batch)
+        logp, values = sequence_logprobs(params, model, tokens, segments, lora_params, lora, config.temperature,
+                                         config.logprob_chunk, trainable.get("value_head"), dropout)
         ref = None
         if config.needs_reference:
-            ref = reference(frozen, batch.tokens_NxT, batch.segment_ids_NxT, batch.ref_logprobs_NxT)
-        return Scored(logp, ref, values)
+            ref = batch.ref_logprobs_NxT
+            if ref is None:
+                ref = unpack(reference(frozen, tokens, segments, None))
+        return Scored(unpack(logp), ref, None if values is None else unpack(values))
     return score
+
+
+def _model_rows(batch: SequenceBatch) -> tuple[jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]:
+    """(tokens, segment ids) the model runs on, and the map from its per-token results back to [N, T]: the batch's
+    own rows, or its packed rows and a gather by `pack_index_NxT` (0 on padding)."""
+    if batch.packed_tokens_RxL is None:
+        return batch.tokens_NxT, batch.segment_ids_NxT, lambda x: x
+
+    def unpack(x_RxL: jax.Array) -> jax.Array:
+        gathered = jnp.take(x_RxL.reshape(-1), batch.pack_index_NxT, axis=0)
+        return jnp.where(batch.segment_ids_NxT != 0, gathered, 0.0)
+    return batch.packed_tokens_RxL, batch.packed_segment_ids_RxL, unpack
 
 
 def score_pairs(model: ModelConfig, config: LossConfig, lora: LoraConfig | None) -> Scorer:

@@ -102,6 +102,11 @@ class SequenceBatch(NamedTuple):
     weights_N: jax.Array  # 1 = trained on (kept by the filters), 0 = ignored
     returns_NxT: jax.Array | None = None  # PPO value targets
     ref_logprobs_NxT: jax.Array | None = None  # reference policy; computed in the step when None and LoRA is on
+    # Packed (jaxagent.packing): the model runs on these rows instead of tokens_NxT, and each [N, T] token's result
+    # is read back from flat index pack_index_NxT of its micro-batch's rows.
+    packed_tokens_RxL: jax.Array | None = None
+    packed_segment_ids_RxL: jax.Array | None = None
+    pack_index_NxT: jax.Array | None = None
 
 
 class PairBatch(NamedTuple):

@@ -212,12 +212,13 @@ def check_nonfinite(state: TrainState, metrics: dict, limit: int) -> None:
 
 
 def _split(batch, parts: int):
-    """Reshape every [N, ...] leaf to [parts, N / parts, ...] for the micro-batch scan."""
-    leaves = [x for x in jax.tree.leaves(batch)]
-    n = leaves[0].shape[0]
-    if n % parts:
-        raise UpdateConfigError(f"batch of {n} rows does not split into micro_batches={parts}; use a divisor of {n}")
-    return jax.tree.map(lambda x: x.reshape(parts, n // parts, *x.shape[1:]), batch)
+    """Reshape every [N, ...] leaf to [parts, N / parts, ...] for the micro-batch scan (packed rows [R, L] likewise:
+    each micro-batch is packed onto its own R / parts rows)."""
+    for x in jax.tree.leaves(batch):
+        if x.shape[0] % parts:
+            raise UpdateConfigError(f"batch of {x.shape[0]} rows does not split into micro_batches={parts}; use a "
+                                    f"divisor of {x.shape[0]}")
+    return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), batch)
 
 
 def _token_stats(batch, logp: jax.Array, bounds: tuple[float, float]) -> dict:

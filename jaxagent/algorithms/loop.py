@@ -143,7 +143,7 @@ def make_stage(setup: Setup, name: str, policy: PolicyParams) -> tuple[RLStage, 
     update, fresh = setup.placement.update_step(update_config, fresh, frozen)
     stage = RLStage(name, algorithm, loop_cfg, update_config, update,
                     LogprobComputer(setup.model, setup.lora, temperature, place=setup.placement.batch,
-                                    fetch=setup.placement.fetch), frozen,
+                                    fetch=setup.placement.fetch, pack=loop_cfg.pack), frozen,
                     setup.placement.batch)
     return stage, fresh
 
@@ -266,7 +266,8 @@ def _minibatch(stage: RLStage, chosen: list[Trajectory], rows: list[int], part: 
     per_row = lambda values: None if values is None else [values[r] for r in rows]  # noqa: E731
     return sequence_batch([chosen[i] for i in part], advantages=[target.advantages[r] for r in rows],
                           rows=stage.loop.minibatch_size, old_logprobs=[old[i] for i in part],
-                          token_advantages=per_row(target.token_advantages), returns=per_row(target.returns))
+                          token_advantages=per_row(target.token_advantages), returns=per_row(target.returns),
+                          pack=stage.loop.pack, micro_batches=stage.loop.micro_batches)
 
 
 def _gae_targets(stage: RLStage, state: TrainState, trajectories: list[Trajectory], iteration: int) -> Targets:

@@ -87,9 +87,10 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
             epoch, position = divmod(step - 1, steps_per_epoch)
             if position == 0 or batches is None:  # an epoch's batches depend only on its number: a resume redraws them
                 batches = epoch_batches(lengths, sft.batch_size, sft.group_by_length,
-                                      np.random.default_rng([config.seed, stage_index, epoch]))
+                                        np.random.default_rng([config.seed, stage_index, epoch]))
             chosen = batches[position]
-            batch = setup.placement.batch(sequence_batch([records[i] for i in chosen], rows=sft.batch_size))
+            rows = sequence_batch([records[i] for i in chosen], rows=sft.batch_size, pack=sft.pack)
+            batch = setup.placement.batch(rows)
             state, metrics = update(state, frozen, batch, jax.random.fold_in(jax.random.key(config.seed), step))
             losses.append(float(metrics["loss"]))
             loop.show(loss=losses[-1])
