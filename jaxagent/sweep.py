@@ -108,32 +108,41 @@ class PlannedRun:
 
 
 def plan(sweep: Sweep, out: Path, extra: Sequence[str] = ()) -> list[PlannedRun]:
-    """Every run in the order they run: per seed, the start (if any) then each row."""
+    """Every run in the order they run: row by row, each row over every seed (a seed's start just before its first
+    row), so a sweep cut short already holds whole rows."""
     labels = [row.label for row in sweep.rows]
     if len(set(labels)) != len(labels):
         raise UserError(f"sweep {sweep.name!r}: row labels must differ, got {labels}")
     common = (*sweep.overrides, *extra)
+    per_seed = [_seed_runs(sweep, seed, out, common) for seed in sweep.seeds]  # each: [start?, row 0, row 1, ...]
+    first_row_end = len(per_seed[0]) - len(sweep.rows) + 1
+    first_rows = [run for runs in per_seed for run in runs[:first_row_end]]
+    later_rows = [runs[first_row_end + r] for r in range(len(sweep.rows) - 1) for runs in per_seed]
+    return first_rows + later_rows
+
+
+def _seed_runs(sweep: Sweep, seed: int, out: Path, common: Sequence[str]) -> list[PlannedRun]:
+    """One seed's runs: its start (if the sweep has one), then each row's run."""
     runs = []
-    for seed in sweep.seeds:
-        start_folder, start_stages = None, ()
-        if sweep.start:
-            start_stages = sweep.start.stages or _stages(sweep.start, (*common, *sweep.start.overrides))
-            start_folder = out / f"start-s{seed}"
-            runs.append(PlannedRun(sweep.start.label, seed, start_folder, sweep.start.config,
-                                   (*common, *sweep.start.overrides, f"seed={seed}",
-                                    f"stages=[{','.join(start_stages)}]"), start_stages))
-        for row in sweep.rows:
-            overrides = (*common, *row.overrides, f"seed={seed}")
-            stages = _stages(row, overrides)
-            if start_folder is not None:
-                stages = tuple(s for s in stages if s not in start_stages)
-                if not stages:
-                    raise UserError(f"row {row.label!r}: config {row.config} has no stage beyond the start's "
-                                    f"{list(start_stages)}")
-                overrides = (*overrides, f"init_from={start_folder / 'stages' / start_stages[-1]}",
-                             f"stages=[{','.join(stages)}]")
-            runs.append(PlannedRun(row.label, seed, out / f"{_slug(row.label)}-s{seed}", row.config, overrides,
-                                   stages))
+    start_folder, start_stages = None, ()
+    if sweep.start:
+        start_stages = sweep.start.stages or _stages(sweep.start, (*common, *sweep.start.overrides))
+        start_folder = out / f"start-s{seed}"
+        runs.append(PlannedRun(sweep.start.label, seed, start_folder, sweep.start.config,
+                               (*common, *sweep.start.overrides, f"seed={seed}",
+                                f"stages=[{','.join(start_stages)}]"), start_stages))
+    for row in sweep.rows:
+        overrides = (*common, *row.overrides, f"seed={seed}")
+        stages = _stages(row, overrides)
+        if start_folder is not None:
+            stages = tuple(s for s in stages if s not in start_stages)
+            if not stages:
+                raise UserError(f"row {row.label!r}: config {row.config} has no stage beyond the start's "
+                                f"{list(start_stages)}")
+            overrides = (*overrides, f"init_from={start_folder / 'stages' / start_stages[-1]}",
+                         f"stages=[{','.join(stages)}]")
+        runs.append(PlannedRun(row.label, seed, out / f"{_slug(row.label)}-s{seed}", row.config, overrides,
+                               stages))
     return runs
 
 

@@ -43,8 +43,8 @@ def _trainers_writing(folder: Path) -> list[int]:
 def test_rows_start_from_their_seeds_shared_start_and_run_only_their_own_stages(tmp_path):
     runs = plan(load_sweep(str(_write_sweep(tmp_path))), tmp_path / "out")
     assert [(r.label, r.seed, r.stages) for r in runs] == [
-        ("SFT", 0, ("sft",)), ("LOOP", 0, ("loop",)), ("GRPO", 0, ("grpo",)),
-        ("SFT", 1, ("sft",)), ("LOOP", 1, ("loop",)), ("GRPO", 1, ("grpo",))]
+        ("SFT", 0, ("sft",)), ("LOOP", 0, ("loop",)), ("SFT", 1, ("sft",)), ("LOOP", 1, ("loop",)),
+        ("GRPO", 0, ("grpo",)), ("GRPO", 1, ("grpo",))]
     grpo_seed1 = runs[5]
     assert f"init_from={tmp_path / 'out' / 'start-s1' / 'stages' / 'sft'}" in grpo_seed1.overrides
     assert "seed=1" in grpo_seed1.overrides and grpo_seed1.overrides[-1] == "stages=[grpo]"
