@@ -149,7 +149,11 @@ class SftSection:
     data: str = "expert"  # "expert", or a path to a JSONL file with one {"messages": [...]} per line
     demos: int = 400  # expert episodes (one per training task, cycling)
     mistake_rate: float = 0.0  # the expert's rate of each mistake kind (mixed-quality demonstrations)
-    epochs: int = 3
+    epochs: int = 3  # at most; with stop_loss, training may end sooner
+    # End training at the first log point whose mean loss (over the last `log_every` steps) is below this; 0 trains
+    # every epoch. A model from scratch learns to copy names from the task in a sudden loss drop whose step varies
+    # with the seed; stopping on the loss trains each seed until it got there, not a fixed number of steps.
+    stop_loss: float = 0.0
     batch_size: int = 16
     group_by_length: bool = False  # batch demonstrations of similar length (less padding; see algorithms/sft.py)
     pack: bool = False  # pack each batch's demonstrations into shared rows (jaxagent.packing); see LoopSection.pack
@@ -494,6 +498,15 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: Sequence[str] = (
     return config
 
 
+def _validate_sft_stop(sft: SftSection) -> None:
+    if sft.stop_loss < 0:
+        raise ConfigError(f"sft.stop_loss={sft.stop_loss} must be >= 0 (0 trains every epoch)")
+    # A resumed run then starts on a whole window of losses, so it stops where an uninterrupted run would.
+    if sft.stop_loss > 0 and sft.checkpoint_every % sft.log_every:
+        raise ConfigError(f"sft.stop_loss needs sft.checkpoint_every={sft.checkpoint_every} to be a multiple of "
+                          f"sft.log_every={sft.log_every}")
+
+
 def _validate_eto(eto: EtoSection) -> None:
     for key in ("iterations", "epochs", "batch_size"):
         if getattr(eto, key) < 1:
@@ -592,6 +605,7 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"sft.{key}={getattr(config.sft, key)} must be >= 1")
     if not 0.0 <= config.sft.mistake_rate <= 1.0:
         raise ConfigError(f"sft.mistake_rate={config.sft.mistake_rate} must be in [0, 1]")
+    _validate_sft_stop(config.sft)
     _validate_eto(config.eto)
     _validate_collect(config.collect)
     _validate_critic(config.critic)

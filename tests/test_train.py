@@ -4,6 +4,7 @@ resuming after SIGKILL (bitwise equal to an uninterrupted run), and `jaxagent.ev
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,9 @@ import pytest
 from jaxagent.algorithms import loop as loop_algorithms
 from jaxagent.algorithms.batching import LogprobComputer
 from jaxagent.algorithms.common import evaluate
+from jaxagent.algorithms.sft import ends_on_loss
 from jaxagent.checkpoint import load_policy
-from jaxagent.config import ConfigError, load_config
+from jaxagent.config import ConfigError, SftSection, load_config
 from jaxagent.evaluate import evaluate_run
 from jaxagent.metrics import TIMING_KEYS
 from jaxagent.train import train
@@ -80,14 +82,44 @@ def test_eto_explores_pairs_and_trains_each_iteration_and_resumes_from_its_check
     whole = leaves(tmp_path / "stages" / "eto" / "policy")
     before = _metrics_without_time(tmp_path)
     # Back to the end of iteration 1: the stage's results and its second checkpoint removed.
-    import shutil
-
     shutil.rmtree(tmp_path / "stages" / "eto")
     shutil.rmtree(tmp_path / "checkpoints" / "eto" / "2")
     train(config)
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(whole, leaves(tmp_path / "stages" / "eto" / "policy"))) == 0.0
     assert _metrics_without_time(tmp_path) == before
+
+
+def test_sft_ends_on_the_first_whole_window_of_losses_below_stop_loss():
+    sft = SftSection(stop_loss=0.05, log_every=2)
+    assert ends_on_loss(sft, [0.06, 0.03])  # mean 0.045
+    assert not ends_on_loss(sft, [0.03, 0.08])  # one low loss is not enough: mean 0.055
+    assert not ends_on_loss(sft, [0.01])  # a resumed run's partial window
+    assert not ends_on_loss(dataclasses.replace(sft, stop_loss=0.0), [0.0, 0.0])  # 0: every epoch
+
+
+def test_sft_stop_loss_ends_the_stage_early_and_a_restart_keeps_that_end(tmp_path):
+    """A loss every window is below ends SFT at its first log point, evaluated and checkpointed there; restarted from
+    that checkpoint, the stage trains and evaluates no more and returns the same policy."""
+    config = load_config("tiny", MICRO + ["stages=[sft]", "sft.epochs=4", "sft.log_every=2", "sft.checkpoint_every=2",
+                                          "sft.stop_loss=1000", f"run_dir={tmp_path}"])
+    train(config)
+    records = _metrics_without_time(tmp_path)
+    assert [(r["kind"], r["iteration"]) for r in records if r["kind"] in ("train", "eval")] == [("train", 2),
+                                                                                              ("eval", 2)]
+    policy = leaves(tmp_path / "stages" / "sft" / "policy")
+
+    shutil.rmtree(tmp_path / "stages" / "sft")  # as if killed after the stop's checkpoint, before the stage's result
+    train(config)
+    assert _metrics_without_time(tmp_path) == records
+    assert all(np.array_equal(a, b) for a, b in zip(policy, leaves(tmp_path / "stages" / "sft" / "policy")))
+
+
+def test_sft_stop_loss_is_checked():
+    with pytest.raises(ConfigError, match="sft.stop_loss=-0.5 must be >= 0"):
+        load_config("tiny", ["sft.stop_loss=-0.5"])
+    with pytest.raises(ConfigError, match="checkpoint_every=15 to be a multiple of sft.log_every=10"):
+        load_config("tiny", ["sft.checkpoint_every=15"])
 
 
 def _untrained_apptown_model(folder):

@@ -160,8 +160,10 @@ class IterationLoop:
                   "seconds": round(time.time() - self.setup.started, 2), **_plain(stats)}
         self.setup.metrics.write(record, iteration)
 
-    def maybe_checkpoint(self, iteration: int, state: TrainState, meta: dict) -> None:
-        if iteration % self.checkpoint_every == 0 or iteration == self.total:
+    def maybe_checkpoint(self, iteration: int, state: TrainState, meta: dict, last: bool = False) -> None:
+        """Save every `checkpoint_every` iterations and at the last one (`total`, or `last` for a stage that ends
+        early)."""
+        if iteration % self.checkpoint_every == 0 or iteration == self.total or last:
             self.checkpoints.save(iteration, state, {"iteration": iteration, **meta})
 
     def progress(self, start: int):

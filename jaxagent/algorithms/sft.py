@@ -67,7 +67,8 @@ def to_trajectories(setup: Setup, demos: list[dict]) -> list[Trajectory]:
 
 
 def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tuple[PolicyParams, dict]:
-    """Train on the demonstrations for `sft.epochs` epochs; returns the policy and its held-out evaluation."""
+    """Train on the demonstrations for `sft.epochs` epochs (or until the loss is below `sft.stop_loss`); returns the
+    policy and its held-out evaluation."""
     config, sft = setup.config, setup.config.sft
     records = to_trajectories(setup, demonstrations(setup))
     demo_rewards = [r.reward for r in records]
@@ -78,6 +79,8 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
                                                                                      update_config(sft)), frozen)
     loop = IterationLoop(setup, stage_index, name, total, checkpoint_every=sft.checkpoint_every)
     state, meta, start = loop.resume(fresh)
+    if meta.get("stopped"):  # the last checkpoint is the one sft.stop_loss ended training at
+        start = total + 1
     if start == 1:
         loop.log(0, "data", {"demos": len(records), "demo_reward": float(np.mean(demo_rewards)),
                              "demo_success": float(np.mean([r >= 1.0 for r in demo_rewards]))})
@@ -94,15 +97,23 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
             state, metrics = update(state, frozen, batch, jax.random.fold_in(jax.random.key(config.seed), step))
             losses.append(float(metrics["loss"]))
             loop.show(loss=losses[-1])
+            stopped = False
             if step % sft.log_every == 0 or step == total:
+                stopped = ends_on_loss(sft, losses)
                 loop.log(step, "train", {"loss": float(np.mean(losses)), "epoch": epoch + 1,
                                          "grad_norm": float(metrics["grad_norm"])})
                 losses = []
-            if step == total:  # evaluated before the last checkpoint, so a resumed run never repeats it
+            if stopped:
+                print(f"{name}: the mean loss of steps {step - sft.log_every + 1}-{step} is below "
+                      f"sft.stop_loss={sft.stop_loss}; training ends at step {step} of at most {total}", flush=True)
+            if step == total or stopped:  # evaluated before the last checkpoint, so a resumed run never repeats it
                 stats, _ = evaluate(setup, PolicyParams.from_state(state, frozen),
                                     seed=eval_seed(config, stage_index, step))
                 loop.log(step, "eval", stats)
-            loop.maybe_checkpoint(step, state, {"epoch": epoch, "position": position + 1})
+            loop.maybe_checkpoint(step, state, {"epoch": epoch, "position": position + 1, "stopped": stopped},
+                                  last=stopped)
+            if stopped:
+                break
     finally:
         loop.close()
     return PolicyParams.from_state(state, frozen), loop.last_eval()
@@ -112,6 +123,12 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
 # batches: a batch pads to its longest row, so this trains on far fewer padding tokens while every window still
 # mixes the epoch's random order.
 GROUP_WINDOW_BATCHES = 16
+
+
+def ends_on_loss(sft, window: list[float]) -> bool:
+    """Whether training ends at this log point: `sft.stop_loss` is set and a whole window of `sft.log_every` losses
+    averages below it (a resumed run's first, partial window never ends it)."""
+    return sft.stop_loss > 0 and len(window) == sft.log_every and float(np.mean(window)) < sft.stop_loss
 
 
 def epoch_batches(lengths: list[int], batch_size: int, group_by_length: bool, rng: np.random.Generator
