@@ -103,9 +103,9 @@ def run(setup: Setup, stage_index: int, name: str, policy: PolicyParams) -> tupl
                 loop.log(step, "train", {"loss": float(np.mean(losses)), "epoch": epoch + 1,
                                          "grad_norm": float(metrics["grad_norm"])})
                 losses = []
-            if stopped:
-                print(f"{name}: the mean loss of steps {step - sft.log_every + 1}-{step} is below "
-                      f"sft.stop_loss={sft.stop_loss}; training ends at step {step} of at most {total}", flush=True)
+                if stopped:
+                    print(f"{name}: the mean loss of steps {step - sft.log_every + 1}-{step} is below sft.stop_loss="
+                          f"{sft.stop_loss}; training ends at step {step} of at most {total}", flush=True)
             if step == total or stopped:  # evaluated before the last checkpoint, so a resumed run never repeats it
                 stats, _ = evaluate(setup, PolicyParams.from_state(state, frozen),
                                     seed=eval_seed(config, stage_index, step))
