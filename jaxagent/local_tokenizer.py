@@ -7,6 +7,7 @@ which keeps incremental chat rendering identical to rendering a whole conversati
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -61,3 +62,19 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+# What `save_tokenizer` writes as tokenizer_class (transformers 5 names the fast class TokenizersBackend).
+_OWN_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved in `folder`. One written by `save_tokenizer` loads as the plain fast class, which is what
+    AutoTokenizer would return, without AutoTokenizer's import of torch where it is installed (~3 s per process);
+    any other (a Hugging Face model's) goes through AutoTokenizer, which picks its class."""
+    config = Path(folder) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in _OWN_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -169,10 +170,24 @@ class MetricsLog:
 
     def _tensorboard(self):
         if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.tensorboard_dir))
+            self._writer = _summary_writer_class()(str(self.tensorboard_dir))
         return self._writer
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch where it is installed (seconds
+    per process) only to accept torch tensors, and we log Python floats. Unless torch is already loaded, `import
+    torch` fails for the length of this one import (tensorboardX expects that), and works again afterwards."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # an import of a module mapped to None raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def read_records(path: Path) -> list[dict]:

@@ -50,9 +50,9 @@ class ChatModel:
 
     def __init__(self, folder: str | Path, max_len: int = 4096, max_batch: int = 16, seed: int = 0) -> None:
         import jax
-        from transformers import AutoTokenizer
 
         from jaxagent.checkpoint import is_policy_folder, load_policy
+        from jaxagent.local_tokenizer import load_tokenizer
         from jaxagent.models.hf import is_hf_folder, load_hf_params
         from jaxagent.sampling import Sampler
         from jaxagent.tokens import ChatRenderer
@@ -67,7 +67,7 @@ class ChatModel:
         else:
             raise ServingError(f"{str(folder)!r} is neither a Hugging Face model folder nor a jaxagent policy folder")
         self.name = folder.name
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = load_tokenizer(tokenizer_dir)
         self.renderer = ChatRenderer(tokenizer)
         self.stop_ids = tuple({self.renderer.end_of_turn_id} | ({tokenizer.eos_token_id} - {None}))
         self.sampler = Sampler(config, max_len, lora=lora, tokenizer=tokenizer, grow_cache=True)

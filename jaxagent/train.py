@@ -122,9 +122,9 @@ def policy_tokenizer(config: TrainConfig, folder: Path | None, run_dir: Path, ma
     """(tokenizer, its folder): the Hugging Face folder's, or one trained locally for a model from scratch."""
     if folder is None:
         return local_tokenizer(config, run_dir, make_env)
-    from transformers import AutoTokenizer
+    from jaxagent.local_tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder)), folder
+    return load_tokenizer(folder), folder
 
 
 def policy_model(config: TrainConfig, folder: Path | None, vocab_size: int) -> ModelConfig:
@@ -156,10 +156,8 @@ def scratch_model(section: ModelSection, vocab_size: int, max_context: int) -> M
 
 def local_tokenizer(config: TrainConfig, run_dir: Path, make_env):
     """The run's tokenizer for a model from scratch: trained once on expert episodes' text, then reused."""
-    from transformers import AutoTokenizer
-
     from jaxagent.data import expert_demonstrations
-    from jaxagent.local_tokenizer import save_tokenizer, train_tokenizer
+    from jaxagent.local_tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
     folder = run_dir / "tokenizer"
 
@@ -173,7 +171,7 @@ def local_tokenizer(config: TrainConfig, run_dir: Path, make_env):
         staging.replace(folder)
 
     distributed.written_by_first(folder, train_and_save)  # every process then reads the same files
-    return AutoTokenizer.from_pretrained(str(folder)), folder
+    return load_tokenizer(folder), folder
 
 
 def check_same_config(run_dir: Path, config: TrainConfig) -> None:

@@ -159,3 +159,30 @@ def test_tokenizer_without_template_is_refused(qwen_tokenizer):
     tokenizer = qwen_tokenizer.__class__(tokenizer_object=qwen_tokenizer.backend_tokenizer)
     with pytest.raises(ChatTemplateError, match="has no chat_template"):
         ChatRenderer(tokenizer)
+
+
+def test_a_saved_tokenizer_loads_as_autotokenizer_would_and_ours_without_torch(tmp_path, tokenizer):
+    """`load_tokenizer` returns what AutoTokenizer returns; for our own tokenizers without importing torch (AutoTokenizer
+    does where torch is installed: seconds per training process)."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from jaxagent.local_tokenizer import load_tokenizer, save_tokenizer
+
+    ours = save_tokenizer(tokenizer, tmp_path / "ours")
+    hf_style = save_tokenizer(tokenizer, tmp_path / "hf")  # the same files, but naming a model's own class
+    config = json.loads((hf_style / "tokenizer_config.json").read_text())
+    (hf_style / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    for folder in (ours, hf_style):
+        loaded, auto = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+        assert type(loaded) is type(auto)
+        assert _template_ids(loaded, CONVERSATION, True) == _template_ids(auto, CONVERSATION, True)
+        assert (loaded.eos_token_id, loaded.pad_token_id, loaded.bos_token_id, len(loaded)) == (
+            auto.eos_token_id, auto.pad_token_id, auto.bos_token_id, len(auto))
+    probe = ("import sys; from jaxagent.local_tokenizer import load_tokenizer; "
+             f"load_tokenizer({str(ours)!r}); print('torch' in sys.modules)")
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert imported.stdout.split() == ["False"], imported.stderr[-2000:]
