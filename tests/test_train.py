@@ -384,3 +384,33 @@ def test_length_grouped_sft_batches_visit_every_demo_once_with_less_padding():
         assert all(np.array_equal(a, b) for a, b in zip(batches, again))
         padded[grouped] = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     assert padded[True] < 0.7 * padded[False]
+
+
+TENSORBOARD_PROBE = """
+import struct, sys
+from pathlib import Path
+from jaxagent.metrics import MetricsLog
+run = Path(sys.argv[1])
+log = MetricsLog(run)
+log.write({"stage": "loop", "kind": "train", "iteration": 3, "stage_index": 1, "reward": 0.25}, 7)
+log.close()  # tensorboardX writes from a queue: on disk for sure once closed
+print("torch" in sys.modules)
+from tensorboardX.proto import event_pb2
+data = next((run / "tensorboard").glob("events.out.tfevents*")).read_bytes()
+offset, scalars = 0, []
+while offset < len(data):  # TFRecord: length (8 bytes), its CRC (4), the Event, its CRC (4)
+    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+    scalars += [(v.tag, v.simple_value, event.step) for v in event.summary.value]
+    offset += 16 + length
+print(scalars)
+import torch  # hidden only while tensorboardX was imported
+print(torch.__name__)
+"""
+
+
+def test_tensorboard_scalars_are_written_without_importing_torch(tmp_path):
+    probe = subprocess.run([sys.executable, "-c", TENSORBOARD_PROBE, str(tmp_path)], capture_output=True, text=True,
+                           timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.splitlines() == ["False", "[('loop/train/reward', 0.25, 7)]", "torch"]
