@@ -16,6 +16,8 @@ import pytest
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# jaxagent's own cache (ScienceWorld's split table) likewise, rather than the user's ~/.cache/jaxagent.
+os.environ.setdefault("JAXAGENT_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jaxagent"))
 # Most of the suite's time is XLA:CPU compiling tiny programs, not running them. Without LLVM's optimisation passes
 # and with the classic fusion emitters a program compiles about five times faster (the same HLO program; only its
 # machine code is less tuned), which more than pays for slower kernels on tiny shapes. Subprocesses inherit it; a

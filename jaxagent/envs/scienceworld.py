@@ -22,15 +22,19 @@ replaced and the episode's actions are replayed on the new one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 import os
 import queue
 import shutil
 import threading
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Sequence
 
+from jaxagent.atomic import staged_file
 from jaxagent.envs.base import EnvError, EnvSpec, Message, Outcome, StepResult
 
 log = logging.getLogger(__name__)
@@ -163,7 +167,33 @@ def game_reset(jvm: Any) -> str:
 
 @lru_cache(maxsize=1)
 def _variations() -> dict[str, dict[str, list[int]]]:
-    """{task name: {split: variations}}, read once from a JVM (the package decides the splits)."""
+    """{task name: {split: variations}}: the package decides the splits, and reading them takes a JVM ~10 s (it loads
+    all 30 task types), so the table is kept in a file keyed by the package's game (its jar's digest)."""
+    path = variations_file()
+    try:
+        return _checked_table(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        pass  # absent, unreadable or not a table: read it from the game
+    table = _variations_from_jvm()
+    try:
+        with staged_file(path) as tmp:
+            tmp.write_text(json.dumps(table))
+    except OSError as err:  # a read-only home still runs, only slower to start
+        log.warning("cannot keep ScienceWorld's split table in %s (%s); it is read from a JVM each run", path, err)
+    return table
+
+
+def variations_file() -> Path:
+    """The file `_variations` keeps its table in: under $JAXAGENT_CACHE_DIR (default ~/.cache/jaxagent, or
+    $XDG_CACHE_HOME/jaxagent), named by the digest of the package's jar, so another game version gets its own."""
+    from scienceworld.constants import JAR_PATH
+
+    digest = hashlib.sha256(Path(JAR_PATH).read_bytes()).hexdigest()[:16]
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxagent"
+    return Path(os.environ.get("JAXAGENT_CACHE_DIR") or default) / "scienceworld" / f"variations-{digest}.json"
+
+
+def _variations_from_jvm() -> dict[str, dict[str, list[int]]]:
     jvm = _new_jvm()
     try:
         table = {}
@@ -174,6 +204,15 @@ def _variations() -> dict[str, dict[str, list[int]]]:
         return table
     finally:
         jvm.close()
+
+
+def _checked_table(table: Any) -> dict[str, dict[str, list[int]]]:
+    """`table` if it has the table's shape; ValueError otherwise (a damaged file is read again from the game)."""
+    rows = list(table.values()) if isinstance(table, dict) else []
+    shaped = bool(rows) and all(isinstance(row, dict) and set(row) == {"train", "dev", "test"} for row in rows)
+    if not shaped or not all(isinstance(i, int) for row in rows for ids in row.values() for i in ids):
+        raise ValueError("not a ScienceWorld split table")
+    return table
 
 
 def check_protocol(protocol: str) -> str:
