@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from jaxagent.envs.base import EnvError
@@ -49,11 +51,13 @@ def test_gold_trajectories_reach_the_maximum_score(pool):
 
 
 def test_our_step_equals_the_packages_step_along_a_gold_path(pool):
-    """`game_step` skips the package's info dict; observation, score and end must equal the package's `step`."""
+    """`game_step` skips the package's info dict; observation, score and end must equal the package's `step`.
+    (A mixing task: its 18 gold actions raise the score in several steps; boil's 87 would take ~30 s of package
+    steps.)"""
     ours, theirs = pool.acquire(), pool.acquire()
     try:
         for jvm in (ours, theirs):
-            jvm.load("boil", 0, SIMPLIFICATION, generateGoldPath=True)
+            jvm.load("chemistry-mix", 0, SIMPLIFICATION, generateGoldPath=True)
         gold = list(theirs.get_gold_action_sequence())
         assert game_reset(ours) == theirs.reset()[0]
         for action in gold + ["look around"]:  # and one step after the game ended
@@ -84,6 +88,36 @@ def test_splits_and_ids():
         parse_task_id("boil")
     with pytest.raises(EnvError, match="unknown ScienceWorld split 'valid'"):
         split_tasks("valid")
+
+
+def test_the_split_table_is_read_from_the_game_once_then_from_its_file(tmp_path, monkeypatch):
+    """The first process reads the splits from a JVM and keeps them; later ones read the file and start no JVM; a
+    damaged file is read again from the game."""
+    from jaxagent.envs import scienceworld
+
+    monkeypatch.setenv("JAXAGENT_CACHE_DIR", str(tmp_path))
+    scienceworld._variations.cache_clear()
+    try:
+        table = scienceworld._variations()  # from the game: no file yet
+        path = scienceworld.variations_file()
+        assert path.parent == tmp_path / "scienceworld" and json.loads(path.read_text()) == table
+        assert len(table) == 30 and all(not set(t["train"]) & set(t["test"]) for t in table.values())
+
+        def no_jvm(*args, **kwargs):
+            raise AssertionError("a JVM was started to read the split table")
+
+        monkeypatch.setattr(scienceworld, "_new_jvm", no_jvm)
+        scienceworld._variations.cache_clear()
+        assert scienceworld._variations() == table
+
+        path.write_text('{"boil": {"train": [0]')  # cut short
+        monkeypatch.setattr(scienceworld, "_variations_from_jvm", lambda: {"boil": {"train": [0], "dev": [1],
+                                                                                     "test": [2]}})
+        scienceworld._variations.cache_clear()
+        assert scienceworld._variations() == json.loads(path.read_text()) == {"boil": {"train": [0], "dev": [1],
+                                                                                        "test": [2]}}
+    finally:
+        scienceworld._variations.cache_clear()  # later tests read the suite's own file again
 
 
 def test_seen_and_unseen_name_dev_and_test_and_the_eto_protocol_keeps_its_24_types_in_turn():
