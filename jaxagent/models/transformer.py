@@ -413,15 +413,22 @@ def init_params(config: ModelConfig, rng: jax.Array, lora: LoraConfig | None = N
 
 def param_axes(config: ModelConfig, lora: LoraConfig | None = None) -> tuple[dict, dict]:
     """Logical axis names of every parameter and adapter leaf, as `jax.sharding.PartitionSpec`s of names."""
-    abstract = jax.eval_shape(lambda key: _init_variables(config, key, lora), jax.random.key(0))
-    specs = nn.get_partition_spec(abstract)
+    specs = nn.get_partition_spec(_abstract_variables(config, lora))
     return specs["params"], specs.get("lora", {})
 
 
 def abstract_params(config: ModelConfig, lora: LoraConfig | None = None) -> tuple[dict, dict]:
     """Shapes and dtypes of the parameters and adapters (`jax.ShapeDtypeStruct`s), without allocating them."""
-    abstract = nn.unbox(jax.eval_shape(lambda key: _init_variables(config, key, lora), jax.random.key(0)))
+    abstract = nn.unbox(_abstract_variables(config, lora))
     return abstract["params"], abstract.get("lora", {})
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_variables(config: ModelConfig, lora: LoraConfig | None) -> dict:
+    """The boxed variable tree of the init, as shapes and axis names: traced once per (config, lora), since the
+    sharding, sampling and checkpoint code ask for it every time they place or load parameters (each trace of the
+    whole model costs about a second on a CPU). Callers get new trees built from it, never this one."""
+    return jax.eval_shape(lambda key: _init_variables(config, key, lora), jax.random.key(0))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
