@@ -267,7 +267,7 @@ def _reference_distribution(logits, temperature, top_k=0, top_p=1.0):
 def test_sample_tokens_follows_the_reference_distribution(temperature, top_k, top_p):
     from jaxagent.sampling import sample_tokens
 
-    vocab, draws = 300, 40000
+    vocab, draws = 300, 20000
     logits = np.random.default_rng(0).normal(0, 2.0, vocab).astype(np.float32)
     tokens, logps = jax.jit(sample_tokens, static_argnums=(4, 5, 6))(
         jnp.broadcast_to(jnp.asarray(logits), (draws, vocab)), jax.random.key(1), jnp.float32(temperature),
@@ -275,7 +275,9 @@ def test_sample_tokens_follows_the_reference_distribution(temperature, top_k, to
     expected = _reference_distribution(logits.astype(np.float64), temperature, top_k, top_p)
     observed = np.bincount(np.asarray(tokens), minlength=vocab) / draws
     assert observed[expected == 0].sum() == 0  # nothing outside the allowed set
-    assert 0.5 * np.abs(observed - expected).sum() < 0.02  # total variation (sampling noise is ~0.01 here)
+    # Every token's frequency within 5 standard deviations of its probability (plus 3 draws, for the rarest): by
+    # noise alone, some token of 300 strays that far in under 1 run of 1000; a temperature 10 % off fails it.
+    assert np.all(np.abs(observed - expected) <= 5 * np.sqrt(expected * (1 - expected) / draws) + 3 / draws)
     # Log-probs are the untruncated softmax(logits / T), as the trainer recomputes them.
     full = logits / temperature - np.log(np.exp(logits / temperature - (logits / temperature).max()).sum()) - (
         logits / temperature).max()
