@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from jaxagent import compiling
 from jaxagent.algorithms.common import PolicyParams, eval_seed, evaluate
 from jaxagent.checkpoint import is_policy_folder
 from jaxagent.config import ConfigError, load_config
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="held-out split (default: the config's eval split)")
     parser.add_argument("--stage", action="append", default=[], help="with --run: only this stage (repeatable)")
     args = parser.parse_args(argv)
+    compiling.prepare()  # before the first JAX computation
     if args.model:
         if not args.config:
             raise ConfigError("--model needs --config NAME (the environment and evaluation settings to use)")

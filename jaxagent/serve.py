@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
 
+from jaxagent import compiling
 from jaxagent.errors import UserError, run_main
 from jaxagent.serving import ChatModel, ServingError
 
@@ -127,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=4096, help="tokens per conversation (prompt and reply)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     args = parser.parse_args(argv)
+    compiling.prepare()  # before the first JAX computation
     folder = Path(args.model) if args.model else run_stage_policy(Path(args.run), args.stage)
     model = ChatModel(folder, max_len=args.max_len, max_batch=args.max_batch)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(model))

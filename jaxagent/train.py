@@ -25,7 +25,7 @@ from typing import Sequence
 
 import jax
 
-from jaxagent import distributed
+from jaxagent import compiling, distributed
 from jaxagent.algorithms import get_stage_runner
 from jaxagent.algorithms.common import PolicyParams, Setup
 from jaxagent.atomic import staged_file
@@ -253,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a name in configs/ or a .yaml path")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. loop.rollouts_per_task=4 optim.lr=1e-5")
     args = parser.parse_args(argv)
+    compiling.prepare()  # before the first JAX computation
     distributed.initialize()  # a multi-host launch (launch/) sets JAXAGENT_DISTRIBUTED or the coordinator variables
     config = load_config(args.config, args.overrides)
     train(config)

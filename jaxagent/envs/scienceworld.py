@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jaxagent.atomic import staged_file
+from jaxagent.cache import cache_dir
 from jaxagent.envs.base import EnvError, EnvSpec, Message, Outcome, StepResult
 
 log = logging.getLogger(__name__)
@@ -184,13 +185,12 @@ def _variations() -> dict[str, dict[str, list[int]]]:
 
 
 def variations_file() -> Path:
-    """The file `_variations` keeps its table in: under $JAXAGENT_CACHE_DIR (default ~/.cache/jaxagent, or
-    $XDG_CACHE_HOME/jaxagent), named by the digest of the package's jar, so another game version gets its own."""
+    """The file `_variations` keeps its table in: in jaxagent's cache folder (`jaxagent.cache`), named by the
+    digest of the package's jar, so another game version gets its own."""
     from scienceworld.constants import JAR_PATH
 
     digest = hashlib.sha256(Path(JAR_PATH).read_bytes()).hexdigest()[:16]
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxagent"
-    return Path(os.environ.get("JAXAGENT_CACHE_DIR") or default) / "scienceworld" / f"variations-{digest}.json"
+    return cache_dir() / "scienceworld" / f"variations-{digest}.json"
 
 
 def _variations_from_jvm() -> dict[str, dict[str, list[int]]]:
