@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxagent.compiling import ACCELERATOR_PLUGINS, QUICK_CPU_FLAGS  # imports no JAX: flags are still settable
+
 # XLA's compiled programs are kept on disk and shared by every test, worker and subprocess (end-to-end runs compile
 # the same steps again and again): the first test to build a program pays for it. Set before JAX is imported.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax"))
@@ -21,14 +23,17 @@ os.environ.setdefault("JAXAGENT_CACHE_DIR", str(Path(__file__).resolve().parents
 # Most of the suite's time is XLA:CPU compiling tiny programs, not running them. Without LLVM's optimisation passes
 # and with the classic fusion emitters a program compiles about five times faster (the same HLO program; only its
 # machine code is less tuned), which more than pays for slower kernels on tiny shapes. Subprocesses inherit it; a
-# test whose run is dominated by long sequences asks for `RUNTIME_FLAGS` instead. Users' runs keep XLA's defaults,
-# and `JAXAGENT_TEST_XLA_DEFAULTS=1` runs the suite with them too.
+# test whose run is dominated by long sequences asks for `RUNTIME_FLAGS` instead: the flags users' commands compile
+# with (`jaxagent.compiling`). `JAXAGENT_TEST_XLA_DEFAULTS=1` runs the suite, its commands included, with XLA's
+# defaults.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-RUNTIME_FLAGS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
+RUNTIME_FLAGS = " ".join(QUICK_CPU_FLAGS)
 # Only for XLA:CPU: a GPU build of jaxlib dies on them. On a GPU, float32 matmuls default to TF32 (about 1e-3
 # relative), so the suite's float32 comparisons ask for full precision.
-ACCELERATOR = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
-if not os.environ.get("JAXAGENT_TEST_XLA_DEFAULTS") and not ACCELERATOR:
+ACCELERATOR = any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
+if os.environ.get("JAXAGENT_TEST_XLA_DEFAULTS"):
+    os.environ["JAXAGENT_XLA_DEFAULTS"] = "1"
+elif not ACCELERATOR:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 

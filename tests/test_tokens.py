@@ -162,8 +162,8 @@ def test_tokenizer_without_template_is_refused(qwen_tokenizer):
 
 
 def test_a_saved_tokenizer_loads_as_autotokenizer_would_and_ours_without_torch(tmp_path, tokenizer):
-    """`load_tokenizer` returns what AutoTokenizer returns; for our own tokenizers without importing torch (AutoTokenizer
-    does where torch is installed: seconds per training process)."""
+    """`load_tokenizer` returns what AutoTokenizer returns; for our own tokenizers without importing torch
+    (AutoTokenizer does where torch is installed: seconds per training process)."""
     import json
     import subprocess
     import sys
