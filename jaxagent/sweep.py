@@ -19,7 +19,8 @@ start `start-sSEED`); a sweep stopped at any point continues where it stopped wh
 skipped, an interrupted one resumes from its checkpoints). Each run's output goes to `RUN.log`.
 
 At the end the sweep writes `results.md` (per row: mean ± sd and min–max over seeds of the last stage's held-out
-success and reward, and the wall-clock minutes per run), `results.json` and `results.png` (success with error bars).
+success and reward, the success minus the first row's on the same seed (mean ± sd of those paired differences), and
+the wall-clock minutes per run), `results.json` and `results.png` (success with error bars).
 """
 
 from __future__ import annotations
@@ -222,17 +223,32 @@ def _range(values: Sequence[float], scale: float = 100.0) -> str:
     return f"{scale * min(values):.1f}–{scale * max(values):.1f}"
 
 
-def table(name: str, rows: Sequence[dict]) -> str:
+def table(name: str, rows: Sequence[dict], reference: str | None = None) -> str:
+    """The markdown table; with a `reference` row label, each row's success minus the reference's on the same seeds
+    (mean ± sd of those paired differences: rows that share a start differ less than their own spreads suggest)."""
     seeds = ", ".join(str(s) for s in rows[0]["seeds"])
+    ref = next((row for row in rows if row["label"] == reference), None)
+    paired = f" Δ vs {reference} (points) |" if ref else ""
     lines = [f"Sweep `{name}`, seeds {seeds}: held-out results of each run's last stage (mean ± sd over seeds, "
-             "then min–max).", "",
-             "| row | config (stage) | success (%) | min–max | reward (%) | min–max | minutes per run |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "then min–max" + (f"; Δ: success minus {reference}'s on the same seed, mean ± sd" if ref else "") + ").",
+             "", "| row | config (stage) | success (%) | min–max |" + paired
+             + " reward (%) | min–max | minutes per run |",
+             "| --- | --- | --- | --- |" + (" --- |" if ref else "") + " --- | --- | --- |"]
     for row in rows:
+        delta = f" {_paired(row, ref)} |" if ref else ""
         lines.append(f"| {row['label']} | {row['config']} ({row['stage']}) | {_mean_sd(row['success'])} | "
-                     f"{_range(row['success'])} | {_mean_sd(row['reward'])} | {_range(row['reward'])} | "
+                     f"{_range(row['success'])} |{delta} {_mean_sd(row['reward'])} | {_range(row['reward'])} | "
                      f"{np.nanmean(row['minutes']):.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _paired(row: dict, ref: dict) -> str:
+    """Mean ± sd over the seeds both rows ran of (row's success − the reference's), in points; '—' for itself."""
+    if row is ref:
+        return "—"
+    theirs = dict(zip(ref["seeds"], ref["success"]))
+    deltas = [value - theirs[seed] for seed, value in zip(row["seeds"], row["success"]) if seed in theirs]
+    return _mean_sd(deltas) if deltas else "—"
 
 
 def chart(name: str, rows: Sequence[dict], path: Path) -> None:
@@ -270,7 +286,7 @@ def run_sweep(sweep: Sweep, out: Path, extra: Sequence[str] = ()) -> list[dict]:
         summaries.append(summary or execute(run, seconds_file))
     seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
     rows = results(runs, summaries, seconds)
-    text = table(sweep.name, rows)
+    text = table(sweep.name, rows, sweep.rows[0].label)
     for filename, content in (("results.md", text), ("results.json", json.dumps(rows, indent=2) + "\n")):
         with staged_file(out / filename) as tmp:
             tmp.write_text(content)

@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from jaxagent.sweep import RunSpec, Sweep, load_sweep, main, plan
+from jaxagent.sweep import RunSpec, Sweep, load_sweep, main, plan, table
 
 from conftest import MICRO
 
@@ -82,6 +83,19 @@ def test_a_sweep_killed_mid_run_continues_where_it_stopped_and_writes_its_table_
     table = (out / "results.md").read_text()
     assert "| GRPO | tiny_grpo (grpo) |" in table and "seeds 0, 1" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_table_pairs_each_row_with_the_reference_by_seed():
+    row = lambda label, seeds, success: {"label": label, "config": "c", "stage": "s", "seeds": seeds,
+                                         "success": success, "reward": success, "minutes": [1.0] * len(seeds)}
+    rows = [row("SFT", [0, 1], [0.1, 0.2]), row("LOOP", [0, 1], [0.4, 0.3]), row("GRPO", [1, 0], [0.5, 0.2])]
+    lines = {line.split(" | ")[0]: line.split(" | ") for line in table("t", rows, "LOOP").splitlines()
+             if line.startswith("| ")}
+    assert lines["| row"][4] == "Δ vs LOOP (points)"
+    # GRPO's seed 1 (0.5) against LOOP's seed 1 (0.3), its seed 0 (0.2) against LOOP's 0.4: +20 and -20 points.
+    assert lines["| GRPO"][4] == f"0.0 ± {np.std([20.0, -20.0], ddof=1):.1f}"
+    assert lines["| SFT"][4] == f"-20.0 ± {np.std([-30.0, -10.0], ddof=1):.1f}" and lines["| LOOP"][4] == "—"
+    assert "Δ" not in table("t", rows)  # no reference, no column
 
 
 @pytest.mark.parametrize("text, message", [
