@@ -213,10 +213,10 @@ def results(runs: Sequence[PlannedRun], summaries: Sequence[dict], seconds: dict
     return list(rows.values())
 
 
-def _mean_sd(values: Sequence[float], scale: float = 100.0) -> str:
+def _mean_sd(values: Sequence[float], scale: float = 100.0, signed: bool = False) -> str:
     values = scale * np.asarray(values, np.float64)
     sd = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.1f} ± {sd:.1f}"
+    return f"{values.mean():{'+' if signed else ''}.1f} ± {sd:.1f}"
 
 
 def _range(values: Sequence[float], scale: float = 100.0) -> str:
@@ -248,7 +248,7 @@ def _paired(row: dict, ref: dict) -> str:
         return "—"
     theirs = dict(zip(ref["seeds"], ref["success"]))
     deltas = [value - theirs[seed] for seed, value in zip(row["seeds"], row["success"]) if seed in theirs]
-    return _mean_sd(deltas) if deltas else "—"
+    return _mean_sd(deltas, signed=True) if deltas else "—"
 
 
 def chart(name: str, rows: Sequence[dict], path: Path) -> None:

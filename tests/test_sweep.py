@@ -93,7 +93,7 @@ def test_the_table_pairs_each_row_with_the_reference_by_seed():
              if line.startswith("| ")}
     assert lines["| row"][4] == "Δ vs LOOP (points)"
     # GRPO's seed 1 (0.5) against LOOP's seed 1 (0.3), its seed 0 (0.2) against LOOP's 0.4: +20 and -20 points.
-    assert lines["| GRPO"][4] == f"0.0 ± {np.std([20.0, -20.0], ddof=1):.1f}"
+    assert lines["| GRPO"][4] == f"+0.0 ± {np.std([20.0, -20.0], ddof=1):.1f}"
     assert lines["| SFT"][4] == f"-20.0 ± {np.std([-30.0, -10.0], ddof=1):.1f}" and lines["| LOOP"][4] == "—"
     assert "Δ" not in table("t", rows)  # no reference, no column
 
