@@ -228,18 +228,21 @@ def table(name: str, rows: Sequence[dict], reference: str | None = None) -> str:
     (mean ± sd of those paired differences: rows that share a start differ less than their own spreads suggest)."""
     seeds = ", ".join(str(s) for s in rows[0]["seeds"])
     ref = next((row for row in rows if row["label"] == reference), None)
-    paired = f" Δ vs {reference} (points) |" if ref else ""
+    paired = [f"Δ vs {reference} (points)"] if ref else []
+    header = ["row", "config (stage)", "success (%)", "min–max", *paired, "reward (%)", "min–max", "minutes per run"]
     lines = [f"Sweep `{name}`, seeds {seeds}: held-out results of each run's last stage (mean ± sd over seeds, "
              "then min–max" + (f"; Δ: success minus {reference}'s on the same seed, mean ± sd" if ref else "") + ").",
-             "", "| row | config (stage) | success (%) | min–max |" + paired
-             + " reward (%) | min–max | minutes per run |",
-             "| --- | --- | --- | --- |" + (" --- |" if ref else "") + " --- | --- | --- |"]
+             "", _markdown_row(header), _markdown_row(["---"] * len(header))]
     for row in rows:
-        delta = f" {_paired(row, ref)} |" if ref else ""
-        lines.append(f"| {row['label']} | {row['config']} ({row['stage']}) | {_mean_sd(row['success'])} | "
-                     f"{_range(row['success'])} |{delta} {_mean_sd(row['reward'])} | {_range(row['reward'])} | "
-                     f"{np.nanmean(row['minutes']):.1f} |")
+        lines.append(_markdown_row([
+            row["label"], f"{row['config']} ({row['stage']})", _mean_sd(row["success"]), _range(row["success"]),
+            *([_paired(row, ref)] if ref else []), _mean_sd(row["reward"]), _range(row["reward"]),
+            f"{np.nanmean(row['minutes']):.1f}"]))
     return "\n".join(lines) + "\n"
+
+
+def _markdown_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def _paired(row: dict, ref: dict) -> str:
