@@ -101,7 +101,18 @@ def behaviour_stats(trajectories: Sequence[Trajectory]) -> dict:
             "says_assume_per_turn": sum(bool(_ASSUME.search(turn)) for turn in turns) / per_turn,
             "placeholder_values_per_turn": sum(bool(_PLACEHOLDER.search(turn)) for turn in turns) / per_turn,
             "multi_cell_per_turn": sum(turn.count("```python") > 1 for turn in turns) / per_turn,
-            **api_sequences(trajectories)}
+            **api_sequences(trajectories), **reward_by_habit(trajectories, placeholder, give_up)}
+
+
+def reward_by_habit(trajectories: Sequence[Trajectory], placeholder: Sequence[bool], give_up: Sequence[bool]) -> dict:
+    """Mean reward of the rollouts that gave up after an error (`reward_gave_up`), of the others that used a
+    placeholder value (`reward_placeholder`) and of the rest (`reward_other`), for the groups that occur: with partial
+    credit, what a habit earns tells whether RL should remove it."""
+    groups: dict[str, list[float]] = {}
+    for t, dummy, gave_up in zip(trajectories, placeholder, give_up):
+        name = "reward_gave_up" if gave_up else "reward_placeholder" if dummy else "reward_other"
+        groups.setdefault(name, []).append(t.reward)
+    return {name: float(np.mean(rewards)) for name, rewards in sorted(groups.items())}
 
 
 def api_calls(t: Trajectory) -> tuple[str, ...]:

@@ -183,6 +183,10 @@ def test_behaviour_rates_per_rollout_and_per_turn_and_distinct_api_paths_of_succ
     # Task a's successes took two paths (pay, complete) and (pay, pay, pay, complete); b has no success.
     assert stats["api_sequences"] == 2.0
     assert "api_sequences" not in behaviour_stats(rollouts[3:])
+    # The failure both used a placeholder and gave up: it counts as giving up; the three successes are the rest.
+    assert stats["reward_gave_up"] == 0.0 and stats["reward_other"] == 1.0 and "reward_placeholder" not in stats
+    guessed = rollout("b", False, docs, guess)
+    assert behaviour_stats([guessed, rollouts[0]])["reward_placeholder"] == 0.0
     table = final_table({"eval": rollout_stats(rollouts)}).splitlines()
     assert table[0].split()[-3:] == ["assume", "multi", "paths"] and table[2].split()[-3:] == ["0.250", "0.25", "2.00"]
 
