@@ -86,8 +86,10 @@ def test_a_sweep_killed_mid_run_continues_where_it_stopped_and_writes_its_table_
 
 
 def test_the_table_pairs_each_row_with_the_reference_by_seed():
-    row = lambda label, seeds, success: {"label": label, "config": "c", "stage": "s", "seeds": seeds,
-                                         "success": success, "reward": success, "minutes": [1.0] * len(seeds)}
+    def row(label, seeds, success):
+        return {"label": label, "config": "c", "stage": "s", "seeds": seeds, "success": success, "reward": success,
+                "minutes": [1.0] * len(seeds)}
+
     rows = [row("SFT", [0, 1], [0.1, 0.2]), row("LOOP", [0, 1], [0.4, 0.3]), row("GRPO", [1, 0], [0.5, 0.2])]
     lines = {line.split(" | ")[0]: line.split(" | ") for line in table("t", rows, "LOOP").splitlines()
              if line.startswith("| ")}
