@@ -67,6 +67,10 @@ class RolloutConfig:
     top_k: int = 0
     decode_chunk: int = 64  # tokens decoded between two looks at the environments
     max_concurrent: int = 64  # episodes (sampler rows) alive at once
+    # The fewest rows one prefill (prompts or observations written into the cache) computes, the others idle: each
+    # row count is a program to compile, so a small model saves compile time at little cost; a large one would
+    # compute idle rows of long prompts.
+    min_prefill_rows: int = 1
     env_workers: int = 8
     env_timeout_s: float = 120.0
     early_stop_fraction: float = 0.0  # LOOP: 0.9 -- end the round when this fraction is done ...
@@ -85,7 +89,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_tokens_per_turn", "max_context", "max_observation_tokens", "decode_chunk",
-                     "max_concurrent", "env_workers"):
+                     "max_concurrent", "min_prefill_rows", "env_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
         if self.kv_cache_gb < 0:
@@ -111,7 +115,8 @@ class ModelSection:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "blockwise"  # blockwise (memory linear in T; cuDNN on a GPU where it applies) | dense
-    attention_block: int = 512
+    attention_block: int = 512  # query and key block of the blockwise kernel (training, log-probs)
+    sampling_block: int = 0  # the block while sampling over the KV cache; 0: attention_block
     vocab_size: int = 1024  # of the tokenizer trained locally for a model from scratch
     tokenizer_demos: int = 200  # expert episodes whose text trains that tokenizer
     shapes: str = ""  # built-in shapes (jaxagent.plan) for planning memory without the weights, e.g. qwen2.5-32b

@@ -243,13 +243,17 @@ class Sampler:
     def __init__(self, config: ModelConfig, max_len: int, *, lora: LoraConfig | None = None, tokenizer: Any = None,
                  mesh: Mesh | None = None, rules: Rules = SAMPLE_RULES, batch_buckets: Sequence[int] = POWERS_OF_TWO,
                  length_buckets: Sequence[int] = tuple(s for s in POWERS_OF_TWO if s >= 16),
-                 grow_cache: bool = False) -> None:
+                 grow_cache: bool = False, min_prefill_rows: int = 1) -> None:
         if not isinstance(max_len, int) or max_len < 2:
             raise SamplingError(f"max_len={max_len!r} must be an integer >= 2")
+        if not isinstance(min_prefill_rows, int) or min_prefill_rows < 1:
+            raise SamplingError(f"min_prefill_rows={min_prefill_rows!r} must be an integer >= 1")
         self.config, self.max_len, self.lora, self.mesh, self.rules = config, max_len, lora, mesh, rules
         # A batch's cache starts at the length bucket its rows need and grows bucket by bucket (a copy into a
         # longer cache) as they get longer, instead of holding max_len slots per row from the start.
         self.grow_cache = grow_cache
+        # An append computes at least this many rows (idle ones beyond those written): fewer programs to compile.
+        self.min_prefill_rows = min_prefill_rows
         self.batch_buckets, self.length_buckets = tuple(sorted(batch_buckets)), tuple(sorted(length_buckets))
         self._token_bytes = bytes_of_tokens(tokenizer, config.vocab_size) if tokenizer is not None else None
         self._byte_table = None
@@ -320,7 +324,8 @@ class Sampler:
         # Only the rows that receive tokens are computed (a refilled prompt does not pay for the other rows); the
         # padding entries of the row bucket are other rows with nothing to write.
         extended = np.nonzero(counts)[0]
-        width = round_up(len(extended), self.batch_buckets, "batch size")
+        width = round_up(max(len(extended), self.min_prefill_rows), self.batch_buckets, "batch size")
+        width = min(width, len(batch.lengths))
         idle = np.nonzero(counts == 0)[0][: width - len(extended)]
         index = np.concatenate([extended, idle]).astype(np.int32)
         chunk_len = round_up(int(counts.max()), self.length_buckets, "chunk length")

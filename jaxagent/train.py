@@ -91,7 +91,8 @@ def build_setup(config: TrainConfig, check_config: bool = True) -> tuple[Setup, 
         lora_params = placement.init_lora(jax.random.fold_in(key, 1)) if lora is not None else None
     renderer = ChatRenderer(tokenizer)
     sampler = Sampler(model, max_len=config.rollout.max_context, lora=lora, tokenizer=tokenizer,
-                      mesh=placement.sample_mesh, grow_cache=config.rollout.grow_cache)
+                      mesh=placement.sample_mesh, grow_cache=config.rollout.grow_cache,
+                      min_prefill_rows=config.rollout.min_prefill_rows)
     service = envs.start_service(env.name, env.options, config.rollout.max_concurrent)
     setup = Setup(config, model, lora, Path(tokenizer_dir), renderer, make_env, sampler, run_dir,
                   MetricsLog(run_dir, writes=distributed.is_first()), placement, service)
@@ -134,7 +135,8 @@ def policy_model(config: TrainConfig, folder: Path | None, vocab_size: int) -> M
         return scratch_model(config.model, vocab_size, config.rollout.max_context)
     section = config.model
     return ModelConfig.from_hf_dir(folder, dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat,
-                                   attention=section.attention, attention_block=section.attention_block)
+                                   attention=section.attention, attention_block=section.attention_block,
+                                   sampling_block=section.sampling_block)
 
 
 def load_params(folder: Path, model: ModelConfig, placement: Placement) -> dict:

@@ -92,6 +92,38 @@ def test_model_with_a_cache_gives_the_same_logits_with_either_kernel():
         np.testing.assert_allclose(np.concatenate(pieces, axis=1)[real], full["dense"][real], atol=1e-5)
 
 
+def _has_while_loop(fn, *args) -> bool:
+    """Whether `fn`'s program walks key blocks (the blockwise kernel's while loop) rather than one dense block."""
+    return "while[" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_sampling_block_picks_the_kernel_over_the_cache_and_attention_block_the_one_for_training():
+    """Training walks 8-token blocks; a decode step over a 32-slot cache is dense when `sampling_block` covers the
+    cache and walks blocks when it falls back to `attention_block` (0). Either way the logits are the same."""
+    trains_short = dataclasses.replace(TINY, attention_block=8, sampling_block=32)
+    params, _ = init_params(TINY, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(1, TINY.vocab_size, (B, 20)), jnp.int32)
+
+    def train_forward(config):
+        return lambda p, t: forward(p, config, t).logits_BxTxV
+
+    def decode_step(config):
+        return lambda p, t, cache: forward(p, config, t[:, 19:], jnp.full((B, 1), 19), cache=cache,
+                                           kv_limit=32).logits_BxTxV
+
+    prompt = forward(params, TINY, tokens[:, :19], cache=init_cache(TINY, B, 32), kv_limit=32).cache
+    assert _has_while_loop(train_forward(trains_short), params, tokens)
+    assert not _has_while_loop(decode_step(trains_short), params, tokens, prompt)
+    falls_back = dataclasses.replace(trains_short, sampling_block=0)
+    assert _has_while_loop(decode_step(falls_back), params, tokens, prompt)
+    dense_step = np.asarray(decode_step(trains_short)(params, tokens, prompt))
+    np.testing.assert_allclose(dense_step, np.asarray(decode_step(falls_back)(params, tokens, prompt)), atol=1e-5)
+    np.testing.assert_allclose(dense_step[:, 0], np.asarray(train_forward(trains_short)(params, tokens))[:, -1],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="sampling_block=-1"):
+        dataclasses.replace(TINY, sampling_block=-1)
+
+
 def _step_memory(attention: str, steps: int, remat: str = "none") -> int:
     """Bytes XLA's memory analysis gives the compiled SFT update step of a tiny model on one row of `steps` tokens."""
     config = dataclasses.replace(TINY, num_layers=1, attention=attention, attention_block=512, remat=remat)

@@ -294,3 +294,19 @@ def test_a_growing_cache_gives_the_same_turns_as_a_full_one(hf_models):
     assert growing[1] == full[1] and growing[2] == full[2]  # sequences; (index, token, log-prob) per sample
     assert full[0].state.cache.segment_ids_BxS.shape[1] == 512
     assert growing[0].state.cache.segment_ids_BxS.shape[1] == 256 > max(len(s) for s in growing[1])
+
+
+def test_min_prefill_rows_computes_idle_rows_gives_the_same_turns_and_compiles_fewer_programs(hf_models):
+    """Appends to two of three rows compute four rows with `min_prefill_rows=4` (two idle), as do those to three:
+    one append program per chunk and context bucket instead of one per row count too, and the same turns."""
+    config, params = load_hf_params(hf_models["qwen2_tied"])
+    one, four = Sampler(config, max_len=256), Sampler(config, max_len=256, min_prefill_rows=4)
+    by_one = _rollout(one, params, config, 10, seed=0, obs_lengths=(3, 9, 5))
+    by_four = _rollout(four, params, config, 10, seed=0, obs_lengths=(3, 9, 5))
+    assert by_four[1] == by_one[1]  # the sequences
+    for row_one, row_four in zip(by_one[2], by_four[2]):
+        assert [(i, t) for i, t, _ in row_four] == [(i, t) for i, t, _ in row_one]
+        np.testing.assert_allclose([lp for *_, lp in row_four], [lp for *_, lp in row_one], atol=1e-5)
+    assert four._extend._cache_size() < one._extend._cache_size()
+    with pytest.raises(SamplingError, match="min_prefill_rows=0 must be an integer >= 1"):
+        Sampler(config, max_len=256, min_prefill_rows=0)

@@ -96,6 +96,10 @@ class ModelConfig:
     # blockwise: flash-style, memory linear in the sequence (the default); dense: all scores at once (the reference)
     attention: str = "blockwise"
     attention_block: int = 512  # query and key block of the blockwise kernel
+    # The block while sampling (prefill chunks and decode steps, which attend over the KV cache); 0: attention_block.
+    # A decode step whose cache fits one block takes the dense kernel, so a small model can train on short blocks
+    # (which skip the masked future and other segments) and still decode without the blockwise loops.
+    sampling_block: int = 0
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +114,10 @@ class ModelConfig:
         if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int) \
                 or self.attention_block < 1:
             raise ModelConfigError(f"attention_block={self.attention_block!r} must be a positive integer")
+        if isinstance(self.sampling_block, bool) or not isinstance(self.sampling_block, int) \
+                or self.sampling_block < 0:
+            raise ModelConfigError(f"sampling_block={self.sampling_block!r} must be a positive integer, or 0 for "
+                                   f"attention_block")
         if self.head_dim % 2:
             raise ModelConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 

@@ -208,8 +208,9 @@ class Attention(nn.Module):
             sources.insert(0, KeySource(k_cache[:, :, :live], v_cache[:, :, :live], layout.old_segments,
                                         layout.old_order))
             new_kv = (k_BxKxTxDh.astype(k_cache.dtype), v_BxKxTxDh.astype(v_cache.dtype))
+        block = (c.sampling_block or c.attention_block) if cache_kv is not None else c.attention_block
         out = attention(q_BxKxGxTxDh, sources, layout.new_segments, layout.new_order, c.head_dim ** -0.5,
-                        c.attention, c.attention_block, c.attention_block)
+                        c.attention, block, block)
         # Attention's output comes in the operands' batch order (b, k): XLA's CPU dot is several times slower when
         # asked to emit another layout; the result is small, so transpose it afterwards.
         out_BxTxHxDh = out.transpose(0, 3, 1, 2, 4).reshape(batch, steps, c.num_heads, c.head_dim)
