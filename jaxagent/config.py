@@ -125,6 +125,12 @@ class ModelSection:
     def from_scratch(self) -> bool:
         return not self.path and not self.path_env
 
+    @property
+    def compute(self) -> dict:
+        """The settings a pretrained model's ModelConfig takes from this section (dtypes, remat, attention kernel)."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention,
+                    attention_block=self.attention_block, sampling_block=self.sampling_block)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraSection:

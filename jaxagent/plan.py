@@ -110,9 +110,7 @@ def model_shapes(config) -> Any:
     from jaxagent.models.config import ModelConfig
 
     section = config.model
-    compute = dict(dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat,
-                   attention=section.attention, attention_block=section.attention_block,
-                   sampling_block=section.sampling_block)
+    compute = section.compute
     if section.from_scratch:
         raise PlanError("the planner is for pretrained models (model.path / model.path_env); a model from scratch "
                         "is small enough to try")

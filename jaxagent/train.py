@@ -133,10 +133,7 @@ def policy_model(config: TrainConfig, folder: Path | None, vocab_size: int) -> M
     model section's shapes for a model from scratch."""
     if folder is None:
         return scratch_model(config.model, vocab_size, config.rollout.max_context)
-    section = config.model
-    return ModelConfig.from_hf_dir(folder, dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat,
-                                   attention=section.attention, attention_block=section.attention_block,
-                                   sampling_block=section.sampling_block)
+    return ModelConfig.from_hf_dir(folder, **config.model.compute)
 
 
 def load_params(folder: Path, model: ModelConfig, placement: Placement) -> dict:
