@@ -130,3 +130,36 @@ def test_multi_turn_dpo_trains_the_policy_on_the_same_pairs_from_the_agents_view
     assert trained["pairs"] == 11 and math.log(2) < trained["dpo_loss_first"] < math.log(2) + 0.01 * 10, trained
     assert trained["margin_accuracy"] > 0.5, trained  # the chosen sides gained on the rejected ones
     assert [r["kind"] for r in records] == ["train", "eval"]
+
+
+def _numpy_score(log_ratio: np.ndarray, mask: np.ndarray, turns: np.ndarray, score: str) -> float:
+    """The two critic scores from their definitions, one trajectory at a time."""
+    agent = mask.astype(bool)
+    if score == "trajectory_mean":
+        return float(log_ratio[agent].mean())
+    return float(sum(log_ratio[agent & (turns == k)].mean() for k in np.unique(turns[agent])))
+
+
+@pytest.mark.parametrize("score", ["turn_sum", "trajectory_mean"])
+def test_held_out_scores_of_sides_of_different_lengths_follow_the_definition_and_decide_the_accuracy(score):
+    from jaxagent.algorithms.critic import pair_accuracy, side_scores
+    from jaxagent.pairs import Pair
+    from jaxagent.trajectory import Trajectory
+
+    rng = np.random.default_rng(0)
+
+    def side(length: int) -> Trajectory:
+        mask = (rng.random(length) < 0.6).astype(np.int8)
+        turns = np.where(mask == 1, np.arange(length) * 3 // length, -1).astype(np.int32)
+        return Trajectory(np.zeros(length, np.int32), mask, np.zeros(length, np.float32), turns, 0.0, 0, 0, "t", {})
+
+    pairs = [Pair(side(int(a)), side(int(b)), False) for a, b in rng.integers(20, 300, (12, 2))]
+    sides = [t for p in pairs for t in (p.chosen, p.rejected)]
+    critic = [rng.normal(size=len(t.model_mask)).astype(np.float32) for t in sides]
+    reference = [rng.normal(size=len(t.model_mask)).astype(np.float32) for t in sides]
+    expected = [_numpy_score(c - r, t.model_mask, t.turn_index, score) for c, r, t in zip(critic, reference, sides)]
+    np.testing.assert_allclose(side_scores(critic, reference, sides, score), expected, rtol=1e-5, atol=1e-6)
+    wins = np.mean([1.0 if a > b else 0.0 for a, b in zip(expected[::2], expected[1::2])])
+    assert 0.0 < wins < 1.0  # both outcomes occur: the check can see a swapped side
+    assert pair_accuracy(critic, reference, pairs, score) == pytest.approx(wins)
+    assert pair_accuracy(reference, reference, pairs, score) == 0.5  # equal scores are ties

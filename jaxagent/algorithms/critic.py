@@ -184,11 +184,25 @@ def pair_accuracy(critic_logp: list[np.ndarray], reference_logp: list[np.ndarray
     if not pairs:
         return float("nan")
     sides = [t for pair in pairs for t in (pair.chosen, pair.rejected)]
-    scores = [float(critic_scores(jnp.asarray(a)[None], jnp.asarray(b)[None], jnp.asarray(t.model_mask)[None],
-                                  jnp.asarray(t.turn_index)[None], score)[0])
-              for a, b, t in zip(critic_logp, reference_logp, sides)]
+    scores = side_scores(critic_logp, reference_logp, sides, score)
     wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores[::2], scores[1::2])]
     return float(np.mean(wins))
+
+
+def side_scores(critic_logp: list[np.ndarray], reference_logp: list[np.ndarray], sides: list[Trajectory],
+                score: str) -> np.ndarray:
+    """The critic's score of each trajectory, [len(sides)]. Every side is scored in one call on rows padded to a
+    shared length (the padding is masked out and changes no score): one call per side would compile the score's
+    programs again for every distinct length."""
+    width = -(-max(len(t.model_mask) for t in sides) // 128) * 128
+    critic_rows, reference_rows, mask_rows, turn_rows = (np.zeros((len(sides), width), dtype) for dtype in
+                                                         (np.float32, np.float32, np.float32, np.int32))
+    for row, (a, b, t) in enumerate(zip(critic_logp, reference_logp, sides)):
+        n = len(t.model_mask)
+        critic_rows[row, :n], reference_rows[row, :n] = a, b
+        mask_rows[row, :n], turn_rows[row, :n] = t.model_mask, t.turn_index
+    return np.asarray(critic_scores(jnp.asarray(critic_rows), jnp.asarray(reference_rows), jnp.asarray(mask_rows),
+                                    jnp.asarray(turn_rows), score))
 
 
 def update_config(critic, steps: int) -> UpdateConfig:
