@@ -121,7 +121,7 @@ MICRO = [
     "sft.epochs=2", "sft.batch_size=4", "sft.log_every=1", "sft.checkpoint_every=1", "sft.optim.total_steps=4",
     "sft.optim.warmup_steps=0", "loop.iterations=2", "loop.tasks_per_iteration=2", "loop.rollouts_per_task=2",
     "loop.minibatch_size=4", "loop.critic_warmup_iterations=1", "eval.tasks=3", "eval.every=1",
-    "rollout.max_turns=2", "rollout.max_tokens_per_turn=16", "rollout.max_context=768", "rollout.decode_chunk=8",
+    "rollout.max_turns=2", "rollout.max_tokens_per_turn=8", "rollout.max_context=768", "rollout.decode_chunk=8",
     "rollout.max_concurrent=8", "checkpoint.every=1",
 ]
 

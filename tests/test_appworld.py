@@ -192,7 +192,7 @@ def test_loop_qwen7b_runs_a_short_loop_stage_on_the_offline_tasks(home, tmp_path
                  "loop.iterations=1", "loop.tasks_per_iteration=2", "loop.rollouts_per_task=2",
                  "loop.minibatch_size=4", "loop.micro_batches=1",
                  "loop.min_abs_advantage=0.0",  # a random policy ties every group; keep them so the update runs
-                 "eval.tasks=3", "checkpoint.every=1", f"run_dir={run}"]
+                 "eval.tasks=1", "checkpoint.every=1", f"run_dir={run}"]
     result = subprocess.run([sys.executable, "-m", "jaxagent.train", "--config", "loop_qwen7b", *overrides],
                             capture_output=True, text=True, timeout=600, cwd=REPO, env=runtime_env())
     assert result.returncode == 0, result.stderr[-3000:]
@@ -202,9 +202,9 @@ def test_loop_qwen7b_runs_a_short_loop_stage_on_the_offline_tasks(home, tmp_path
     assert [r["iteration"] for r in train] == [1]
     assert all(r["episodes"] == 4 and r["updates"] >= 1 for r in train)
     evals = [r for r in records if r["kind"] == "eval"]  # the paper's evaluation: greedy, 2 rollouts per task
-    assert evals and evals[-1]["episodes"] == 3 * 2 and "tgc" in evals[-1]
+    assert evals and evals[-1]["episodes"] == 1 * 2 and "tgc" in evals[-1]
     assert (run / "stages" / "loop" / "policy").is_dir() and any((run / "checkpoints" / "loop").iterdir())
-    assert json.loads((run / "stages" / "loop" / "result.json").read_text())["episodes"] == 3 * 2
+    assert json.loads((run / "stages" / "loop" / "result.json").read_text())["episodes"] == 1 * 2
 
 
 def test_a_server_killed_during_collection_ends_one_episode_and_the_round_goes_on(home, tmp_path):

@@ -21,9 +21,10 @@ from jaxagent.metrics import TIMING_KEYS
 
 from conftest import micro_train_command
 
-# One SFT epoch and one evaluation (after the last PPO iteration): all the coordination, less waiting on 2 cores.
+# One SFT epoch, one-turn episodes and one evaluation (after the last PPO iteration): all the coordination, less
+# waiting on 2 cores (every decode step of an 8-device mesh over two processes is a round of loopback collectives).
 RUN = ["stages=[sft,ppo]", "loop.micro_batches=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sft.epochs=1",
-       "eval.every=2"]
+       "eval.every=2", "rollout.max_turns=1"]
 
 
 def free_port() -> int:

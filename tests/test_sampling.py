@@ -285,15 +285,15 @@ def test_sample_tokens_follows_the_reference_distribution(temperature, top_k, to
 
 
 def test_a_growing_cache_gives_the_same_turns_as_a_full_one(hf_models):
-    """With grow_cache the cache starts at 16 slots and grows bucket by bucket as the ten turns lengthen the rows
-    (to 256 here); every sampled token and log-prob equals the full-length cache's."""
+    """With grow_cache the cache starts at 16 slots and grows bucket by bucket as six turns lengthen the rows (to
+    128 of 256 here); every sampled token and log-prob equals the full-length cache's."""
     config, params = load_hf_params(hf_models["qwen2_tied"])
-    full = _rollout(Sampler(config, max_len=512), params, config, 10, seed=0, obs_lengths=(3, 9, 5))
-    growing = _rollout(Sampler(config, max_len=512, grow_cache=True), params, config, 10, seed=0,
+    full = _rollout(Sampler(config, max_len=256), params, config, 6, seed=0, obs_lengths=(3, 9, 5))
+    growing = _rollout(Sampler(config, max_len=256, grow_cache=True), params, config, 6, seed=0,
                        obs_lengths=(3, 9, 5))
     assert growing[1] == full[1] and growing[2] == full[2]  # sequences; (index, token, log-prob) per sample
-    assert full[0].state.cache.segment_ids_BxS.shape[1] == 512
-    assert growing[0].state.cache.segment_ids_BxS.shape[1] == 256 > max(len(s) for s in growing[1])
+    assert full[0].state.cache.segment_ids_BxS.shape[1] == 256
+    assert growing[0].state.cache.segment_ids_BxS.shape[1] == 128 > max(len(s) for s in growing[1]) > 64
 
 
 def test_min_prefill_rows_computes_idle_rows_gives_the_same_turns_and_compiles_fewer_programs(hf_models):

@@ -36,7 +36,8 @@ def leaves(folder):
 @pytest.mark.slow
 def test_every_stage_runs_end_to_end_and_leaves_its_reports(tmp_path):
     stages = "stages=[sft, loop, grpo, rloo, ppo, reinforce, ei]"
-    summary = train(load_config("tiny", MICRO + [stages, f"run_dir={tmp_path}"]))
+    # eval.every=2: one evaluation per stage, at its end (each stage runs two iterations)
+    summary = train(load_config("tiny", MICRO + [stages, "eval.every=2", f"run_dir={tmp_path}"]))
     assert list(summary["stages"]) == ["sft", "loop", "grpo", "rloo", "ppo", "reinforce", "ei"]
     for result in summary["stages"].values():
         assert 0.0 <= result["eval_success"] <= result["eval_reward"] + 1e-9 or result["eval_success"] == 0.0
