@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxagent import distributed
-from jaxagent.algorithms.batching import LogprobComputer
+from jaxagent.algorithms.batching import LogprobComputer, per_token_rows
 from jaxagent.algorithms.collect import held_out, trajectories_file
 from jaxagent.algorithms.common import IterationLoop, PolicyParams, Setup
 from jaxagent.algorithms.pair_training import side_logprobs, train_on_pairs
@@ -52,7 +52,7 @@ from jaxagent.errors import UserError
 from jaxagent.losses import critic_scores
 from jaxagent.pairs import Pair
 from jaxagent.sweet_data import critic_messages, critic_pairs, read_trajectories, split_by_task
-from jaxagent.trajectory import Trajectory, turn_indices
+from jaxagent.trajectory import Trajectory, pad_trajectories, turn_indices
 from jaxagent.update import LossConfig, UpdateConfig, init_train_state
 
 
@@ -192,17 +192,13 @@ def pair_accuracy(critic_logp: list[np.ndarray], reference_logp: list[np.ndarray
 def side_scores(critic_logp: list[np.ndarray], reference_logp: list[np.ndarray], sides: list[Trajectory],
                 score: str) -> np.ndarray:
     """The critic's score of each trajectory, [len(sides)]. Every side is scored in one call on rows padded to a
-    shared length (the padding is masked out and changes no score): one call per side would compile the score's
+    length bucket (the padding is masked out and changes no score): one call per side would compile the score's
     programs again for every distinct length."""
-    width = -(-max(len(t.model_mask) for t in sides) // 128) * 128
-    critic_rows, reference_rows, mask_rows, turn_rows = (np.zeros((len(sides), width), dtype) for dtype in
-                                                         (np.float32, np.float32, np.float32, np.int32))
-    for row, (a, b, t) in enumerate(zip(critic_logp, reference_logp, sides)):
-        n = len(t.model_mask)
-        critic_rows[row, :n], reference_rows[row, :n] = a, b
-        mask_rows[row, :n], turn_rows[row, :n] = t.model_mask, t.turn_index
-    return np.asarray(critic_scores(jnp.asarray(critic_rows), jnp.asarray(reference_rows), jnp.asarray(mask_rows),
-                                    jnp.asarray(turn_rows), score))
+    padded = pad_trajectories(sides)
+    count, length = padded["model_mask"].shape
+    critic_rows, reference_rows = (per_token_rows(logp, count, length) for logp in (critic_logp, reference_logp))
+    return np.asarray(critic_scores(jnp.asarray(critic_rows), jnp.asarray(reference_rows),
+                                    jnp.asarray(padded["model_mask"]), jnp.asarray(padded["turn_index"]), score))
 
 
 def update_config(critic, steps: int) -> UpdateConfig:
