@@ -8,10 +8,12 @@ root and as a plain user.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -132,6 +134,52 @@ def test_close_removes_the_scratch_directory():
     box.run("open('f.txt', 'w').write('x')")
     box.close()
     assert not os.path.exists(scratch)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_harnesses_are_forked_by_one_launcher_and_hold_no_way_back_to_it():
+    """Each sandbox's harness is forked by the trainer's launcher, not started as a process of its own; it keeps no
+    descriptor of the launcher's socket (through which a harness could ask for more sandboxes), nor do the trainer's
+    environment variables reach it."""
+    first, second = Sandbox(LIMITS), Sandbox(LIMITS)
+    try:
+        launcher = _parent(first._harness)
+        assert _parent(second._harness) == launcher != os.getpid() and _parent(launcher) == os.getpid()
+        for box in (first, second):
+            links = [os.readlink(f"/proc/{box._harness}/fd/{fd}") for fd in os.listdir(f"/proc/{box._harness}/fd")]
+            assert not [link for link in links if link.startswith("socket:")], links
+            environ = Path(f"/proc/{box._harness}/environ").read_bytes().split(b"\0")
+            assert b"PATH=/usr/local/bin:/usr/bin:/bin" in environ and not any(b"PYTEST" in v for v in environ)
+        assert first.run("print(6 * 7)").text == "42"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_killed_launcher_is_replaced_and_its_sandboxes_still_stop():
+    box = Sandbox(LIMITS)
+    harness, launcher = box._harness, _parent(box._harness)
+    os.kill(launcher, signal.SIGKILL)
+    assert box.run("print('still here')").text == "still here"  # the harness talks to the trainer directly
+    fresh = Sandbox(LIMITS)
+    assert fresh.run("print(1)").text == "1" and _parent(fresh._harness) not in (launcher, os.getpid())
+    box.close()
+    fresh.close()
+    deadline = time.monotonic() + 5
+    while _alive(harness) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(harness)
 
 
 # ---- the walls that guard the trainer's data, as root and as a plain user ------------------------------------------

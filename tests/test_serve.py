@@ -176,8 +176,9 @@ def test_the_sweet_colbench_llama8b_config_runs_short_with_a_tiny_model_and_the_
         [sys.executable, "-m", "jaxagent.train", "--config", "sweet_colbench_llama8b", f"run_dir={run}",
          "progress=false", "model.dtype=float32", "collect.tasks=2", "collect.rollouts_per_task=2",
          f"critic.data={offline}", "critic.held_out=0.0", "critic.replay=0", "critic.epochs=1",
-         f"sweet.data={offline}", "sweet.candidates=2", "sweet.pairs_per_turn=1", "rollout.max_turns=2", "rollout.max_tokens_per_turn=16",
-         "rollout.max_context=1024", "rollout.max_concurrent=8", "rollout.env_workers=4", "eval.tasks=2"],
+         f"sweet.data={offline}", "sweet.candidates=2", "sweet.pairs_per_turn=1", "rollout.max_turns=2",
+         "rollout.max_tokens_per_turn=16", "rollout.max_context=1024", "rollout.max_concurrent=8",
+         "rollout.env_workers=4", "eval.tasks=2"],
         env=environment, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     collected = [json.loads(line) for line in (run / "stages" / "collect" / "trajectories.jsonl").open()]

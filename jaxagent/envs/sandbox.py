@@ -1,10 +1,12 @@
 """Run model-written Python outside the trainer: one persistent, isolated interpreter per episode.
 
-`Sandbox.run(code)` executes a cell in the episode's interpreter and returns its output or its error. Three
-processes are involved: the trainer (this module), the harness (`sandbox_worker`, trusted code that frames every
-reply the trainer reads) and the interpreter it starts (`sandbox_interpreter`, the only process that runs agent
-code, walled in as `sandbox_isolation` describes: no network, its own pid namespace, a read-only filesystem with
-private folders hidden, resource limits). The interpreter sees none of the trainer's environment variables.
+`Sandbox.run(code)` executes a cell in the episode's interpreter and returns its output or its error. Four kinds
+of process are involved: the trainer (this module), its launcher (`sandbox_launcher`, one per trainer process, which
+forks a harness for each sandbox: far cheaper than starting a Python process per episode), the harness
+(`sandbox_worker`, trusted code that frames every reply the trainer reads) and the interpreter it starts
+(`sandbox_interpreter`, the only process that runs agent code, walled in as `sandbox_isolation` describes: no
+network, its own pid namespace, a read-only filesystem with private folders hidden, resource limits). None of them
+sees the trainer's environment variables.
 
 A cell that hangs, crashes the interpreter or exits it gets an error result; the sandbox is replaced (its
 variables are lost, and `setup_code` runs again) and the episode goes on. The trainer never waits longer than the
@@ -22,9 +24,11 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from jaxagent import choices
@@ -77,6 +81,104 @@ class CellResult:
         return "\n".join(part for part in (self.output.rstrip("\n"), (self.error or "").rstrip("\n")) if part)
 
 
+def minimal_environment(home: str) -> dict:
+    """The sandbox processes' whole environment: none of the trainer's variables (tokens, keys) reach them."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+
+
+class Launcher:
+    """The trainer process's connection to its launcher (`sandbox_launcher`), started on first use and again if it
+    died or stopped answering; every thread's sandboxes share it, one request at a time."""
+
+    ANSWER_TIMEOUT_S = 30.0  # its slowest answer (reaping a SIGKILLed harness) takes at most 5 s
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._channel: socket.socket | None = None
+        os.register_at_fork(after_in_child=self._reset_in_child)
+
+    def start(self, scratch: str, pipes: tuple[int, int], config: dict, environment: dict) -> int:
+        """Fork a harness for a new sandbox (its pipes from and to the trainer); returns its pid."""
+        answer = self._ask({"start": config, "scratch": scratch, "env": environment}, pipes, retry=True)
+        if "pid" not in answer:
+            raise SandboxError(f"the sandbox launcher could not start a harness: {answer.get('error')}")
+        return int(answer["pid"])
+
+    def stop(self, pid: int) -> None:
+        """SIGKILL a harness's process group and reap it."""
+        try:
+            self._ask({"stop": pid})
+        except SandboxError:  # the launcher is gone: its harnesses were handed to init, which reaps them
+            with _ignored_os_errors():
+                os.killpg(pid, signal.SIGKILL)
+
+    def wait(self, pid: int, timeout: float) -> str | None:
+        """How a harness ended ("exit code N", "killed by signal N"), or None if it still runs after `timeout`."""
+        try:
+            return self._ask({"wait": pid, "timeout": timeout})["status"]
+        except SandboxError:
+            return None
+
+    def _ask(self, request: dict, fds: tuple[int, ...] = (), retry: bool = False) -> dict:
+        """Send `request` (with `fds`), return the answer. With `retry`, a launcher found dead before it got the
+        request is replaced once (after it got one it may have acted on it: a start is never sent twice)."""
+        with self._lock:
+            for _ in range(2 if retry else 1):
+                channel = self._channel or self._spawn()
+                try:
+                    socket.send_fds(channel, [json.dumps(request).encode()], list(fds))
+                except OSError:
+                    self._forget()
+                    continue
+                try:
+                    answer = channel.recv(1 << 20)
+                except OSError:  # no answer within ANSWER_TIMEOUT_S
+                    answer = b""
+                if answer:
+                    return json.loads(answer)
+                self._forget()
+                break
+            raise SandboxError("the sandbox launcher stopped answering")
+
+    def _spawn(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-m", "jaxagent.envs.sandbox_launcher", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=minimal_environment("/nonexistent"), cwd="/", pass_fds=(theirs.fileno(),),
+                start_new_session=True, close_fds=True)
+        except OSError as err:
+            ours.close()
+            raise SandboxError(f"cannot start the sandbox launcher ({err})") from None
+        finally:
+            theirs.close()
+        ours.settimeout(self.ANSWER_TIMEOUT_S)
+        self._channel = ours
+        return ours
+
+    def _reset_in_child(self) -> None:
+        """A forked trainer starts a launcher of its own (the parent's may be mid-request on another thread)."""
+        self._lock, self._process = threading.Lock(), None
+        if self._channel is not None:
+            self._channel.close()  # this copy only: the parent's launcher goes on serving the parent
+            self._channel = None
+
+    def _forget(self) -> None:
+        channel, process, self._channel, self._process = self._channel, self._process, None, None
+        if channel is not None:
+            channel.close()
+        if process is not None:  # only its own session: the harnesses it forked have theirs
+            with _ignored_os_errors():
+                process.kill()
+                process.wait(timeout=5)
+
+
+LAUNCHER = Launcher()
+
+
 class Sandbox:
     """One episode's interpreter."""
 
@@ -89,14 +191,14 @@ class Sandbox:
         self.limits, self.setup_code, self.scratch_root, self.preload = limits, setup_code, scratch_root, preload
         self.host, self.isolation = host, isolation
         self.restarts = 0
-        self._process: subprocess.Popen | None = None
+        self._harness: int | None = None  # the harness's pid (a child of the launcher)
         self._start()
 
     # ---- public API ---------------------------------------------------------------------------------------------
 
     def run(self, code: str) -> CellResult:
         """Execute `code` in the episode's namespace."""
-        if self._process is None:
+        if self._harness is None:
             raise SandboxError("the sandbox is closed")
         try:
             reply = self._send({"code": code}, self.limits.cell_timeout_s)
@@ -114,7 +216,7 @@ class Sandbox:
 
     def report(self):
         """The served object's `report()`, answered by the harness (the interpreter never sees this request)."""
-        if self._process is None:
+        if self._harness is None:
             raise SandboxError("the sandbox is closed")
         return self._send({"report": True}, self.limits.start_timeout_s)["report"]
 
@@ -136,14 +238,15 @@ class Sandbox:
         request_read, self._request_write = os.pipe()
         self._reply_read, reply_write = os.pipe()
         self._interpreter_pid = None
-        self._process = subprocess.Popen(
-            [sys.executable, "-I", "-m", "jaxagent.envs.sandbox_worker", self.scratch, str(request_read),
-             str(reply_write), json.dumps(self._worker_config())],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=self._worker_environment(), cwd=self.scratch, pass_fds=(request_read, reply_write),
-            start_new_session=True, close_fds=True)
-        os.close(request_read)
-        os.close(reply_write)
+        try:
+            self._harness = LAUNCHER.start(self.scratch, (request_read, reply_write), self._worker_config(),
+                                           self._worker_environment())
+        except SandboxError:
+            self._stop()
+            raise
+        finally:
+            os.close(request_read)
+            os.close(reply_write)
         self._buffer = b""
         try:
             hello = self._read_reply(self.limits.start_timeout_s)
@@ -171,8 +274,7 @@ class Sandbox:
 
     def _worker_environment(self) -> dict:
         """A minimal environment: none of the trainer's variables (tokens, keys) reach the sandbox."""
-        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.scratch, "TMPDIR": self.scratch,
-                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+        return minimal_environment(self.scratch)
 
     def _restart(self) -> None:
         self._stop()
@@ -180,16 +282,12 @@ class Sandbox:
         self._start()
 
     def _stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            pid = process.pid
-            with _ignored_os_errors():
-                os.killpg(pid, signal.SIGKILL)  # the harness (and, with Python-level isolation, its group)
+        harness, self._harness = self._harness, None
+        if harness is not None:
+            LAUNCHER.stop(harness)  # SIGKILLs the harness (and, with Python-level isolation, its group), reaps it
             if self._interpreter_pid is not None:
                 with _ignored_os_errors():  # the pid namespace's init: the kernel kills every process under it
                     os.kill(self._interpreter_pid, signal.SIGKILL)
-            with _ignored_os_errors():
-                process.wait(timeout=5)
         for fd in (getattr(self, "_request_write", None), getattr(self, "_reply_read", None)):
             if fd is not None:
                 with _ignored_os_errors():
@@ -199,13 +297,9 @@ class Sandbox:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
     def _exit_description(self) -> str:
-        if self._process is None:
+        if self._harness is None:
             return "closed"
-        try:
-            code = self._process.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            return "not answering"
-        return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        return LAUNCHER.wait(self._harness, 1.0) or "not answering"
 
     # ---- protocol -----------------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The sandbox's harness: walls an interpreter in, relays cells to it and frames the replies the trainer reads.
 
-Started by `jaxagent.envs.sandbox.Sandbox` as `python -I -m jaxagent.envs.sandbox_worker SCRATCH REQ_FD REPLY_FD
-CONFIG` with a minimal environment. The harness never runs agent code. It
+Forked for each `jaxagent.envs.sandbox.Sandbox` by the launcher (`sandbox_launcher`) in its own session, with the
+sandbox's minimal environment, its scratch directory as working directory and the pipes to the trainer. The harness
+never runs agent code. It
 
 1. imports the modules the episode needs (`preload`) and builds the object it serves to the agent (`host`, e.g.
    AppTown's world), while their files are still readable;
@@ -158,10 +159,9 @@ def _isolate(scratch: str, config: dict) -> None:
     sandbox_isolation.enter_namespaces(scratch, sandbox_isolation.PRIVATE_PATHS + (config["home"],), keep)
 
 
-def main() -> None:
-    """Set up, then relay requests until the trainer closes the pipe."""
-    scratch, request_fd, reply_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    config = {**json.loads(sys.argv[4]), "scratch": scratch, "root": os.geteuid() == 0}
+def run(scratch: str, request_fd: int, reply_fd: int, worker_config: dict) -> None:
+    """Set up, then relay requests on the pipes from and to the trainer until the trainer closes them."""
+    config = {**worker_config, "scratch": scratch, "root": os.geteuid() == 0}
     requests = os.fdopen(request_fd, "r", encoding="utf-8")
     replies = os.fdopen(reply_fd, "w", encoding="utf-8")
 
@@ -192,7 +192,3 @@ def main() -> None:
         reply(answer)
         if "stopped" in answer:
             return
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,112 @@
+"""The sandbox's launcher: one process per trainer process that forks a harness for every new sandbox.
+
+Starting each harness as a new Python process costs about 60 ms of CPU (interpreter start-up and imports) per
+episode; forking it from a process that has already imported the harness costs about 10. The launcher is trusted code
+like the harness and never runs agent code. `jaxagent.envs.sandbox` starts it as `python -I -m
+jaxagent.envs.sandbox_launcher FD` with the sandbox's minimal environment (none of the trainer's variables) and talks
+to it over a Unix seqpacket socket (FD), one JSON message per request and per answer:
+
+- `{"start": config, "scratch": dir, "env": {...}}` with the request and reply pipes of the new sandbox attached:
+  imports the modules the sandbox preloads and its host's module (once per launcher), forks the harness (its own
+  session, working directory `scratch`, environment `env`), which runs `sandbox_worker.run`; answers `{"pid": n}`.
+- `{"stop": pid}`: SIGKILLs the harness's process group and reaps it; answers `{"status": how}`.
+- `{"wait": pid, "timeout": s}`: `{"status": how}` once the harness ended, `{"status": null}` if still running then.
+
+Harnesses stay the launcher's children until `stop` reaps them, so a pid it signals was never reused. The launcher
+exits when the trainer's end of the socket closes (the trainer ended or was killed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from jaxagent.envs import sandbox_worker
+
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+def exit_description(status: int) -> str:
+    """How a process ended, from its wait status."""
+    code = os.waitstatus_to_exitcode(status)
+    return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+
+
+def _wait(pid: int, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return "ended"  # reaped before (a repeated request)
+        if done:
+            return exit_description(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.001)
+
+
+def _fork_harness(channel: socket.socket, request: dict, fds: list[int]) -> int:
+    config = request["start"]
+    host = config.get("host")
+    for module in [*config.get("preload", ()), *([host["factory"].split(":")[0]] if host else [])]:
+        importlib.import_module(module)  # here, so every later harness inherits it instead of importing it again
+    pid = os.fork()
+    if pid == 0:
+        try:
+            channel.close()  # a harness has no say over other sandboxes
+            os.setsid()  # the trainer stops a sandbox by SIGKILLing this group
+            os.chdir(request["scratch"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            sandbox_worker.run(request["scratch"], fds[0], fds[1], config)
+        finally:
+            os._exit(70)
+    for fd in fds:
+        os.close(fd)
+    return pid
+
+
+def _answer(channel: socket.socket, request: dict, fds: list[int]) -> dict:
+    if "start" in request:
+        if len(fds) != 2:
+            return {"error": f"a start request carries 2 descriptors, not {len(fds)}"}
+        try:
+            return {"pid": _fork_harness(channel, request, fds)}
+        except Exception as err:  # a host module that fails to import, no memory to fork: this sandbox only
+            for fd in fds:
+                os.close(fd)
+            return {"error": f"{type(err).__name__}: {err}"}
+    for fd in fds:
+        os.close(fd)
+    if "stop" in request:
+        try:
+            os.killpg(int(request["stop"]), signal.SIGKILL)
+        except OSError:
+            pass  # it ended and is a zombie until reaped below
+        return {"status": _wait(int(request["stop"]), 5.0)}
+    if "wait" in request:
+        return {"status": _wait(int(request["wait"]), float(request.get("timeout", 0.0)))}
+    return {"error": f"unknown request {sorted(request)}"}
+
+
+def main() -> None:
+    """Answer the trainer's requests until it closes the socket."""
+    channel = socket.socket(fileno=int(sys.argv[1]))
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE_BYTES, 2)
+        except OSError:
+            return
+        if not data:
+            return
+        channel.send(json.dumps(_answer(channel, json.loads(data), fds)).encode())
+
+
+if __name__ == "__main__":
+    main()
