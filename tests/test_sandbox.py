@@ -171,15 +171,20 @@ def test_a_killed_launcher_is_replaced_and_its_sandboxes_still_stop():
     box = Sandbox(LIMITS)
     harness, launcher = box._harness, _parent(box._harness)
     os.kill(launcher, signal.SIGKILL)
+    _wait_until_ended(launcher)
     assert box.run("print('still here')").text == "still here"  # the harness talks to the trainer directly
     fresh = Sandbox(LIMITS)
     assert fresh.run("print(1)").text == "1" and _parent(fresh._harness) not in (launcher, os.getpid())
     box.close()
     fresh.close()
+    _wait_until_ended(harness)
+
+
+def _wait_until_ended(pid: int) -> None:
     deadline = time.monotonic() + 5
-    while _alive(harness) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(harness)
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _alive(pid)
 
 
 # ---- the walls that guard the trainer's data, as root and as a plain user ------------------------------------------

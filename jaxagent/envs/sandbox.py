@@ -17,6 +17,7 @@ interpreter cannot answer or forge.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 class SandboxError(RuntimeError):
     """The sandbox could not start an interpreter at all."""
+
+
+class LauncherGone(SandboxError):
+    """The launcher died or stopped answering (the next request starts a new one)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +103,11 @@ class Launcher:
         self._process: subprocess.Popen | None = None
         self._channel: socket.socket | None = None
         os.register_at_fork(after_in_child=self._reset_in_child)
+        atexit.register(self._forget)  # the trainer ends: so does its launcher (every sandbox was closed by now)
 
     def start(self, scratch: str, pipes: tuple[int, int], config: dict, environment: dict) -> int:
         """Fork a harness for a new sandbox (its pipes from and to the trainer); returns its pid."""
-        answer = self._ask({"start": config, "scratch": scratch, "env": environment}, pipes, retry=True)
+        answer = self._ask({"start": config, "scratch": scratch, "env": environment}, pipes)
         if "pid" not in answer:
             raise SandboxError(f"the sandbox launcher could not start a harness: {answer.get('error')}")
         return int(answer["pid"])
@@ -121,26 +127,19 @@ class Launcher:
         except SandboxError:
             return None
 
-    def _ask(self, request: dict, fds: tuple[int, ...] = (), retry: bool = False) -> dict:
-        """Send `request` (with `fds`), return the answer. With `retry`, a launcher found dead before it got the
-        request is replaced once (after it got one it may have acted on it: a start is never sent twice)."""
+    def _ask(self, request: dict, fds: tuple[int, ...] = ()) -> dict:
+        """Send `request` (with `fds`), return the answer; raises LauncherGone, leaving the next request a new one."""
         with self._lock:
-            for _ in range(2 if retry else 1):
-                channel = self._channel or self._spawn()
-                try:
-                    socket.send_fds(channel, [json.dumps(request).encode()], list(fds))
-                except OSError:
-                    self._forget()
-                    continue
-                try:
-                    answer = channel.recv(1 << 20)
-                except OSError:  # no answer within ANSWER_TIMEOUT_S
-                    answer = b""
-                if answer:
-                    return json.loads(answer)
+            channel = self._channel or self._spawn()
+            try:
+                socket.send_fds(channel, [json.dumps(request).encode()], list(fds))
+                answer = channel.recv(1 << 20)  # b"" once it died; OSError after ANSWER_TIMEOUT_S
+            except OSError:
+                answer = b""
+            if not answer:
                 self._forget()
-                break
-            raise SandboxError("the sandbox launcher stopped answering")
+                raise LauncherGone("the sandbox launcher stopped answering")
+            return json.loads(answer)
 
     def _spawn(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -235,18 +234,16 @@ class Sandbox:
     def _start(self) -> None:
         self.scratch = tempfile.mkdtemp(prefix="jaxagent-sandbox-", dir=self.scratch_root)
         os.chmod(self.scratch, 0o755)
-        request_read, self._request_write = os.pipe()
-        self._reply_read, reply_write = os.pipe()
         self._interpreter_pid = None
         try:
-            self._harness = LAUNCHER.start(self.scratch, (request_read, reply_write), self._worker_config(),
-                                           self._worker_environment())
+            try:
+                self._fork_harness()
+            except LauncherGone:  # it may have forked a harness on these pipes: a new launcher gets new ones
+                self._close_pipes()  # (that harness, if any, reads the end of its requests and exits)
+                self._fork_harness()
         except SandboxError:
             self._stop()
             raise
-        finally:
-            os.close(request_read)
-            os.close(reply_write)
         self._buffer = b""
         try:
             hello = self._read_reply(self.limits.start_timeout_s)
@@ -264,6 +261,17 @@ class Sandbox:
             if reply.get("error") or "stopped" in reply:
                 self._stop()
                 raise SandboxError(f"the sandbox setup code failed: {(reply.get('error') or reply['stopped'])[-500:]}")
+
+    def _fork_harness(self) -> None:
+        """Have the launcher fork this sandbox's harness, on a new pair of pipes from and to the trainer."""
+        request_read, self._request_write = os.pipe()
+        self._reply_read, reply_write = os.pipe()
+        try:
+            self._harness = LAUNCHER.start(self.scratch, (request_read, reply_write), self._worker_config(),
+                                           self._worker_environment())
+        finally:  # the harness holds them now
+            os.close(request_read)
+            os.close(reply_write)
 
     def _worker_config(self) -> dict:
         host = self.host and {"factory": self.host.factory, "args": list(self.host.args), "name": self.host.name}
@@ -288,13 +296,16 @@ class Sandbox:
             if self._interpreter_pid is not None:
                 with _ignored_os_errors():  # the pid namespace's init: the kernel kills every process under it
                     os.kill(self._interpreter_pid, signal.SIGKILL)
+        self._close_pipes()
+        if getattr(self, "scratch", None):
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _close_pipes(self) -> None:
         for fd in (getattr(self, "_request_write", None), getattr(self, "_reply_read", None)):
             if fd is not None:
                 with _ignored_os_errors():
                     os.close(fd)
         self._request_write = self._reply_read = None
-        if getattr(self, "scratch", None):
-            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def _exit_description(self) -> str:
         if self._harness is None:
