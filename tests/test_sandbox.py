@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxagent.envs.sandbox import Sandbox, SandboxLimits
+from jaxagent.envs.sandbox import HostSpec, Sandbox, SandboxError, SandboxLimits
 
 LIMITS = SandboxLimits(cell_timeout_s=3.0, memory_mb=512, max_processes=8)
 HOLES = Path(__file__).with_name("sandbox_holes.py")
@@ -165,6 +165,17 @@ def test_harnesses_are_forked_by_one_launcher_and_hold_no_way_back_to_it():
     finally:
         first.close()
         second.close()
+
+
+def test_settings_too_large_for_the_launcher_are_refused_with_one_line_and_the_launcher_stays():
+    box = Sandbox(LIMITS)
+    launcher = _parent(box._harness)
+    with pytest.raises(SandboxError, match=r"bytes of JSON, more than one message to the launcher holds"):
+        Sandbox(LIMITS, host=HostSpec("json:loads", ("x" * 1_000_000,)))
+    fresh = Sandbox(LIMITS)
+    assert _parent(fresh._harness) == launcher and fresh.run("print(5)").text == "5"
+    box.close()
+    fresh.close()
 
 
 def test_a_killed_launcher_is_replaced_and_its_sandboxes_still_stop():

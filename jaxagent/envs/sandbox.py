@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -129,12 +130,17 @@ class Launcher:
 
     def _ask(self, request: dict, fds: tuple[int, ...] = ()) -> dict:
         """Send `request` (with `fds`), return the answer; raises LauncherGone, leaving the next request a new one."""
+        message = json.dumps(request).encode()
         with self._lock:
             channel = self._channel or self._spawn()
             try:
-                socket.send_fds(channel, [json.dumps(request).encode()], list(fds))
+                socket.send_fds(channel, [message], list(fds))
                 answer = channel.recv(1 << 20)  # b"" once it died; OSError after ANSWER_TIMEOUT_S
-            except OSError:
+            except OSError as err:
+                if err.errno == errno.EMSGSIZE:  # the request, not the launcher, is at fault
+                    raise SandboxError(f"a sandbox's settings take {len(message)} bytes of JSON, more than one "
+                                       "message to the launcher holds (the socket buffer, about 200 KB): pass the "
+                                       "host less") from None
                 answer = b""
             if not answer:
                 self._forget()
