@@ -274,7 +274,7 @@ class Sandbox:
         self._reply_read, reply_write = os.pipe()
         try:
             self._harness = LAUNCHER.start(self.scratch, (request_read, reply_write), self._worker_config(),
-                                           self._worker_environment())
+                                           minimal_environment(self.scratch))
         finally:  # the harness holds them now
             os.close(request_read)
             os.close(reply_write)
@@ -285,10 +285,6 @@ class Sandbox:
                 "max_file_mb": self.limits.max_file_mb, "max_output_chars": self.limits.max_output_chars,
                 "recursion_limit": self.limits.recursion_limit, "preload": list(self.preload), "host": host,
                 "isolation": self.isolation, "home": os.path.expanduser("~")}
-
-    def _worker_environment(self) -> dict:
-        """A minimal environment: none of the trainer's variables (tokens, keys) reach the sandbox."""
-        return minimal_environment(self.scratch)
 
     def _restart(self) -> None:
         self._stop()

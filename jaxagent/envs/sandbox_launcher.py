@@ -31,12 +31,6 @@ from jaxagent.envs import sandbox_worker
 MAX_MESSAGE_BYTES = 1 << 20
 
 
-def exit_description(status: int) -> str:
-    """How a process ended, from its wait status."""
-    code = os.waitstatus_to_exitcode(status)
-    return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
-
-
 def _wait(pid: int, timeout: float) -> str | None:
     deadline = time.monotonic() + timeout
     while True:
@@ -45,7 +39,7 @@ def _wait(pid: int, timeout: float) -> str | None:
         except ChildProcessError:
             return "ended"  # reaped before (a repeated request)
         if done:
-            return exit_description(status)
+            return sandbox_worker.exit_text(os.waitstatus_to_exitcode(status))
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.001)

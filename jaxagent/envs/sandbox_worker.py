@@ -73,9 +73,12 @@ class Interpreter:
             os.kill(self.pid, signal.SIGKILL)
             _, status = os.waitpid(self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        if code > 128:  # the init's encoding of a signal (see _run_init)
-            code = 128 - code
-        return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        return exit_text(128 - code if code > 128 else code)  # the init's encoding of a signal (see _run_init)
+
+
+def exit_text(code: int) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it)."""
+    return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
 
 
 def _text_or_none(value) -> str | None:
