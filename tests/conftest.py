@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxagent.compiling import ACCELERATOR_PLUGINS, QUICK_CPU_FLAGS  # imports no JAX: flags are still settable
+# Imports no JAX, so XLA's flags and the allocator can still be set.
+from jaxagent.compiling import ACCELERATOR_PLUGINS, QUICK_CPU_FLAGS, reuse_freed_memory
 
 # XLA's compiled programs are kept on disk and shared by every test, worker and subprocess (end-to-end runs compile
 # the same steps again and again): the first test to build a program pays for it. Set before JAX is imported.
@@ -36,6 +37,7 @@ if os.environ.get("JAXAGENT_TEST_XLA_DEFAULTS"):
 elif not ACCELERATOR:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+reuse_freed_memory()  # as the commands do: XLA's buffers are reused between calls, not mapped afresh for each
 
 VOCAB = 512
 
