@@ -264,14 +264,13 @@ def _flash_bwd(scale, bq, blocks, residuals, d_out):
                     d_k, d_v = d_kv
                     s = _scores(q_i, kb.keys, scale)
                     p = jnp.where(visible[:, None, None], jnp.exp(s - lse_i[..., None]), 0.0)
-                    d_v = d_v + jnp.einsum("bkgts,bkgtd->bksd", p.astype(do_i.dtype), do_i,
-                                           preferred_element_type=jnp.float32)
+                    d_v = d_v + _contract_queries(do_i, p.astype(do_i.dtype))
                     dp = jnp.einsum("bkgtd,bksd->bkgts", do_i, kb.values.astype(do_i.dtype),
                                     preferred_element_type=jnp.float32)
                     ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
                     d_qi = jnp.einsum("bkgts,bksd->bkgtd", ds, kb.keys.astype(q_i.dtype),
                                       preferred_element_type=jnp.float32)
-                    d_k = d_k + jnp.einsum("bkgts,bkgtd->bksd", ds, q_i, preferred_element_type=jnp.float32)
+                    d_k = d_k + _contract_queries(q_i, ds)
                     return (d_k, d_v), d_qi
 
                 def skip(d_kv):
@@ -287,6 +286,16 @@ def _flash_bwd(scale, bq, blocks, residuals, d_out):
         d_sources.append(KeySource(_merge_key_blocks(d_k).astype(src.keys.dtype),
                                    _merge_key_blocks(d_v).astype(src.values.dtype), None, None))
     return _merge_query_blocks(d_q, 3).astype(q.dtype), tuple(d_sources), None, None
+
+
+def _contract_queries(x_BxKxGxTxD, w_BxKxGxTxS):
+    """sum over g, t of w[.., s] x[.., d] -> [B, K, S, D], computed as [B, K, D, S] and transposed.
+
+    XLA:CPU's matmuls want the contracted axis of the left operand innermost, so XLA copies the left operand into
+    that layout; `x` (D wide) is a far smaller copy than the [T, S] probabilities. On a CPU this took `tiny`'s SFT
+    step from 0.35-0.36 s to 0.33-0.34 s (fastest of 30) and its LOOP updates about 10 % faster."""
+    return jnp.einsum("bkgtd,bkgts->bkds", x_BxKxGxTxD, w_BxKxGxTxS,
+                      preferred_element_type=jnp.float32).swapaxes(2, 3)
 
 
 def _merge_key_blocks(x_NxBxKxBKxD):
