@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -76,10 +77,14 @@ def check_private_files() -> str | None:
             handle.write(SECRET)
         os.chmod(path, 0o600)
     os.environ["HOME"] = home  # the trainer user's home folder, as the sandbox is told
-    with Sandbox(LIMITS) as box:
-        reads = [box.run(f"print(open({path!r}).read())").text for path in paths]
-        listing = box.run("import os\nprint({d: os.listdir(d) for d in ('/home', '/root', '/tmp') "
-                          "if os.path.isdir(d)})").text
+    try:
+        with Sandbox(LIMITS) as box:
+            reads = [box.run(f"print(open({path!r}).read())").text for path in paths]
+            listing = box.run("import os\nprint({d: os.listdir(d) for d in ('/home', '/root', '/tmp') "
+                              "if os.path.isdir(d)})").text
+    finally:
+        for folder in (private, home):
+            shutil.rmtree(folder, ignore_errors=True)
     print(reads, listing)
     if any(SECRET in text for text in reads):
         return f"a private file was readable inside the sandbox: {reads}"

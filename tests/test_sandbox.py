@@ -191,6 +191,34 @@ def test_a_killed_launcher_is_replaced_and_its_sandboxes_still_stop():
     _wait_until_ended(harness)
 
 
+# A trainer that opens a sandbox, has a cell write a file into its scratch directory, reports the directory and the
+# harness, and then exits without closing the sandbox, or waits to be killed.
+ABANDONING_TRAINER = """
+import sys, time
+from jaxagent.envs.sandbox import Sandbox, SandboxLimits
+box = Sandbox(SandboxLimits(cell_timeout_s=3.0, memory_mb=512, max_processes=8))
+box.run("open('left.txt', 'w').write('x')")
+print(box.scratch, box._harness, flush=True)
+if sys.argv[1] == "killed":
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("end", ["exits", "killed"])
+def test_a_trainer_that_ends_without_closing_its_sandbox_leaves_neither_its_scratch_nor_its_harness(end):
+    trainer = subprocess.Popen([sys.executable, "-c", ABANDONING_TRAINER, end], stdout=subprocess.PIPE, text=True)
+    scratch, harness = trainer.stdout.readline().split()
+    assert os.path.exists(os.path.join(scratch, "left.txt"))
+    if end == "killed":
+        trainer.kill()
+    trainer.wait(timeout=30)
+    deadline = time.monotonic() + (10 if end == "killed" else 0)  # an exiting trainer waits for the clean-up
+    while os.path.exists(scratch) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(scratch)
+    _wait_until_ended(int(harness))
+
+
 def _wait_until_ended(pid: int) -> None:
     deadline = time.monotonic() + 5
     while _alive(pid) and time.monotonic() < deadline:

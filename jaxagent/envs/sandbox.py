@@ -98,13 +98,14 @@ class Launcher:
     died or stopped answering; every thread's sandboxes share it, one request at a time."""
 
     ANSWER_TIMEOUT_S = 30.0  # its slowest answer (reaping a SIGKILLed harness) takes at most 5 s
+    EXIT_TIMEOUT_S = 10.0  # at the trainer's exit, for stopping sandboxes left open (2 s grace, then SIGKILL + reap)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._channel: socket.socket | None = None
         os.register_at_fork(after_in_child=self._reset_in_child)
-        atexit.register(self._forget)  # the trainer ends: so does its launcher (every sandbox was closed by now)
+        atexit.register(self._forget, let_it_clean_up=True)  # the trainer ends: so does its launcher
 
     def start(self, scratch: str, pipes: tuple[int, int], config: dict, environment: dict) -> int:
         """Fork a harness for a new sandbox (its pipes from and to the trainer); returns its pid."""
@@ -171,14 +172,27 @@ class Launcher:
             self._channel.close()  # this copy only: the parent's launcher goes on serving the parent
             self._channel = None
 
-    def _forget(self) -> None:
+    def _forget(self, let_it_clean_up: bool = False) -> None:
+        """Drop this launcher. At the trainer's exit it may stop the sandboxes left open and remove their scratch
+        directories before it exits; one that stopped answering is killed before its socket closes, so it never
+        touches the sandboxes still in use (their harnesses talk to the trainer directly)."""
         channel, process, self._channel, self._process = self._channel, self._process, None, None
+        if process is not None and not let_it_clean_up:
+            _kill(process)
         if channel is not None:
             channel.close()
-        if process is not None:  # only its own session: the harnesses it forked have theirs
-            with _ignored_os_errors():
-                process.kill()
-                process.wait(timeout=5)
+        if process is not None and let_it_clean_up:
+            try:
+                process.wait(timeout=self.EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                _kill(process)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher, only its own session: the harnesses it forked have theirs."""
+    with _ignored_os_errors():
+        process.kill()
+        process.wait(timeout=5)
 
 
 LAUNCHER = Launcher()

@@ -13,7 +13,8 @@ to it over a Unix seqpacket socket (FD), one JSON message per request and per an
 - `{"wait": pid, "timeout": s}`: `{"status": how}` once the harness ended, `{"status": null}` if still running then.
 
 Harnesses stay the launcher's children until `stop` reaps them, so a pid it signals was never reused. The launcher
-exits when the trainer's end of the socket closes (the trainer ended or was killed).
+exits when the trainer's end of the socket closes. A trainer that ended (or was killed) without stopping its
+sandboxes leaves their harnesses to the launcher, which stops them and removes their scratch directories first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -29,6 +31,9 @@ import time
 from jaxagent.envs import sandbox_worker
 
 MAX_MESSAGE_BYTES = 1 << 20
+# How long the harnesses left behind by a trainer get to end by themselves (their requests end, so they return)
+# before they are killed.
+ORPHAN_GRACE_S = 2.0
 
 
 def _wait(pid: int, timeout: float) -> str | None:
@@ -66,12 +71,14 @@ def _fork_harness(channel: socket.socket, request: dict, fds: list[int]) -> int:
     return pid
 
 
-def _answer(channel: socket.socket, request: dict, fds: list[int]) -> dict:
+def _answer(channel: socket.socket, request: dict, fds: list[int], scratch_of: dict[int, str]) -> dict:
     if "start" in request:
         if len(fds) != 2:
             return {"error": f"a start request carries 2 descriptors, not {len(fds)}"}
         try:
-            return {"pid": _fork_harness(channel, request, fds)}
+            pid = _fork_harness(channel, request, fds)
+            scratch_of[pid] = request["scratch"]
+            return {"pid": pid}
         except Exception as err:  # a host module that fails to import, no memory to fork: this sandbox only
             for fd in fds:
                 os.close(fd)
@@ -79,6 +86,7 @@ def _answer(channel: socket.socket, request: dict, fds: list[int]) -> dict:
     for fd in fds:
         os.close(fd)
     if "stop" in request:
+        scratch_of.pop(int(request["stop"]), None)  # the trainer removes its scratch directory itself
         try:
             os.killpg(int(request["stop"]), signal.SIGKILL)
         except OSError:
@@ -89,17 +97,34 @@ def _answer(channel: socket.socket, request: dict, fds: list[int]) -> dict:
     return {"error": f"unknown request {sorted(request)}"}
 
 
+def _clean_up_after(scratch_of: dict[int, str]) -> None:
+    """Stop the harnesses the trainer left running and remove their scratch directories."""
+    deadline = time.monotonic() + ORPHAN_GRACE_S
+    for pid, scratch in scratch_of.items():
+        if _wait(pid, max(0.0, deadline - time.monotonic())) is None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            _wait(pid, 5.0)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> None:
-    """Answer the trainer's requests until it closes the socket."""
+    """Answer the trainer's requests until it closes the socket, then clean up after it."""
     channel = socket.socket(fileno=int(sys.argv[1]))
-    while True:
-        try:
-            data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE_BYTES, 2)
-        except OSError:
-            return
-        if not data:
-            return
-        channel.send(json.dumps(_answer(channel, json.loads(data), fds)).encode())
+    scratch_of: dict[int, str] = {}  # harnesses started and not yet stopped
+    try:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE_BYTES, 2)
+            except OSError:
+                return
+            if not data:
+                return
+            channel.send(json.dumps(_answer(channel, json.loads(data), fds, scratch_of)).encode())
+    finally:
+        _clean_up_after(scratch_of)
 
 
 if __name__ == "__main__":
