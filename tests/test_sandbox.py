@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxagent.envs.sandbox import HostSpec, Sandbox, SandboxError, SandboxLimits
+from jaxagent.envs.sandbox import LAUNCHER, HostSpec, Sandbox, SandboxError, SandboxLimits
 
 LIMITS = SandboxLimits(cell_timeout_s=3.0, memory_mb=512, max_processes=8)
 HOLES = Path(__file__).with_name("sandbox_holes.py")
@@ -134,6 +134,15 @@ def test_close_removes_the_scratch_directory():
     box.run("open('f.txt', 'w').write('x')")
     box.close()
     assert not os.path.exists(scratch)
+
+
+def test_the_launcher_removes_a_stopped_sandboxs_scratch_directory_itself():
+    """So a trainer killed between its stop request and its own clean-up leaves nothing behind."""
+    box = Sandbox(LIMITS)
+    box.run("open('f.txt', 'w').write('x')")
+    LAUNCHER.stop(box._harness)
+    assert not os.path.exists(box.scratch)
+    box.close()
 
 
 def _parent(pid: int) -> int:

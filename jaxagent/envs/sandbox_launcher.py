@@ -9,7 +9,8 @@ to it over a Unix seqpacket socket (FD), one JSON message per request and per an
 - `{"start": config, "scratch": dir, "env": {...}}` with the request and reply pipes of the new sandbox attached:
   imports the modules the sandbox preloads and its host's module (once per launcher), forks the harness (its own
   session, working directory `scratch`, environment `env`), which runs `sandbox_worker.run`; answers `{"pid": n}`.
-- `{"stop": pid}`: SIGKILLs the harness's process group and reaps it; answers `{"status": how}`.
+- `{"stop": pid}`: SIGKILLs the harness's process group, reaps it and removes its scratch directory; answers
+  `{"status": how}`.
 - `{"wait": pid, "timeout": s}`: `{"status": how}` once the harness ended, `{"status": null}` if still running then.
 
 Harnesses stay the launcher's children until `stop` reaps them, so a pid it signals was never reused. The launcher
@@ -86,12 +87,16 @@ def _answer(channel: socket.socket, request: dict, fds: list[int], scratch_of: d
     for fd in fds:
         os.close(fd)
     if "stop" in request:
-        scratch_of.pop(int(request["stop"]), None)  # the trainer removes its scratch directory itself
+        pid = int(request["stop"])
         try:
-            os.killpg(int(request["stop"]), signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass  # it ended and is a zombie until reaped below
-        return {"status": _wait(int(request["stop"]), 5.0)}
+        status = _wait(pid, 5.0)
+        scratch = scratch_of.pop(pid, None)
+        if scratch is not None:  # here too, so a trainer killed right after its request leaves nothing behind
+            shutil.rmtree(scratch, ignore_errors=True)
+        return {"status": status}
     if "wait" in request:
         return {"status": _wait(int(request["wait"]), float(request.get("timeout", 0.0)))}
     return {"error": f"unknown request {sorted(request)}"}
