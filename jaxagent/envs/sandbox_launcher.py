@@ -51,6 +51,15 @@ def _wait(pid: int, timeout: float) -> str | None:
         time.sleep(0.001)
 
 
+def _kill_and_reap(pid: int) -> str | None:
+    """SIGKILL a harness's process group and reap the harness; how it ended."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass  # it ended and is a zombie until reaped below
+    return _wait(pid, 5.0)
+
+
 def _fork_harness(channel: socket.socket, request: dict, fds: list[int]) -> int:
     config = request["start"]
     host = config.get("host")
@@ -88,11 +97,7 @@ def _answer(channel: socket.socket, request: dict, fds: list[int], scratch_of: d
         os.close(fd)
     if "stop" in request:
         pid = int(request["stop"])
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass  # it ended and is a zombie until reaped below
-        status = _wait(pid, 5.0)
+        status = _kill_and_reap(pid)
         scratch = scratch_of.pop(pid, None)
         if scratch is not None:  # here too, so a trainer killed right after its request leaves nothing behind
             shutil.rmtree(scratch, ignore_errors=True)
@@ -107,11 +112,7 @@ def _clean_up_after(scratch_of: dict[int, str]) -> None:
     deadline = time.monotonic() + ORPHAN_GRACE_S
     for pid, scratch in scratch_of.items():
         if _wait(pid, max(0.0, deadline - time.monotonic())) is None:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-            _wait(pid, 5.0)
+            _kill_and_reap(pid)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
