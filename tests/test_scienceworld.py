@@ -69,6 +69,25 @@ def test_our_step_equals_the_packages_step_along_a_gold_path(pool):
         pool.release(theirs)
 
 
+def test_a_runs_episodes_borrow_the_jvms_of_one_pool():
+    """A run starts ScienceWorld's service once (`build_setup`); its episodes reuse that pool's JVMs instead of
+    starting one each (a JVM costs seconds of CPU to start and warm up)."""
+    from jaxagent.envs.registry import make_env, start_service
+
+    require_java()
+    service = start_service("scienceworld", {}, concurrency=1)
+    try:
+        jvms = []
+        for variation in (0, 1):
+            env = make_env("scienceworld", f"find-animal/{variation}", 0, service)
+            env.reset()
+            jvms.append(env._current().jvm)
+            env.close()
+        assert jvms[0] is jvms[1] and service.capacity == 1
+    finally:
+        service.close()
+
+
 def test_actions_are_parsed_from_the_eto_format(pool):
     env = ScienceWorldEnv("boil/0", pool=pool)
     messages = env.reset()

@@ -15,8 +15,9 @@ Two protocols (`env.options.protocol`):
 `env.options.types` (a list of task type names) narrows either protocol to those types, e.g. the short
 `find-*` tasks for a quick run.
 
-JVMs are expensive (~0.7 s to start, hundreds of MB), so episodes borrow them from a `JvmPool`; a JVM that dies is
-replaced and the episode's actions are replayed on the new one.
+JVMs are expensive (~0.7 s to start, hundreds of MB), so episodes borrow them from a `JvmPool`: a run's episodes share
+one pool of at most `rollout.max_concurrent` JVMs (`start_pool`), and an episode made without one starts a JVM of its
+own. A JVM that dies is replaced and the episode's actions are replayed on the new one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 SIMPLIFICATION = "easy"
 JVM_HEAP = "-Xmx768m"
+# An episode waiting for a JVM of the run's pool waits for other episodes to end (expert demonstrations play on more
+# threads than the pool has JVMs): minutes on a slow machine, not a fault.
+RUN_POOL_WAIT_S = 600.0
 DEFAULT_STEP_LIMIT = 50  # actions per episode unless the task's gold path asks for more
 SYSTEM_PROMPT = (
     "You are a scientist exploring a house with rooms, objects and substances, doing the experiment you are asked "
@@ -390,4 +394,15 @@ class ScienceWorldEnv:
             self._episode = None
 
 
-SPEC = EnvSpec(name="scienceworld", make=ScienceWorldEnv, tasks=_tasks, splits=tuple(SPLIT_NAMES))
+def start_pool(options: dict, concurrency: int) -> JvmPool:
+    """The run's JVMs: one per episode in play at once, started on demand and lent to episode after episode (an
+    episode that starts while all are in use waits for one; the caller closes the pool)."""
+    return JvmPool(capacity=concurrency, wait_s=RUN_POOL_WAIT_S)
+
+
+def make(task_id: str, seed: int = 0, service: JvmPool | None = None, **options: Any) -> ScienceWorldEnv:
+    """One episode on the run's JVM pool (`service`), or on a JVM of its own without one."""
+    return ScienceWorldEnv(task_id, seed, pool=service, **options)
+
+
+SPEC = EnvSpec(name="scienceworld", make=make, tasks=_tasks, splits=tuple(SPLIT_NAMES), start=start_pool)
