@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from jaxagent.trajectory import PairBatch, Trajectory, pad_trajectories
+from jaxagent.trajectory import PairBatch, Trajectory, pad_trajectories, through_last_sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,8 @@ def eto_pairs(explored: Sequence[Trajectory], experts: Mapping[str, Trajectory],
         expert = experts.get(trajectory.task_id)
         if expert is None or trajectory.reward == expert.reward:
             continue
+        # Tokens after the last sampled one weigh nothing in the DPO loss but could lengthen the padded batch.
+        trajectory, expert = through_last_sample(trajectory), through_last_sample(expert)
         if trajectory.reward < expert.reward:
             rejected = trajectory if extra_turns is None else truncate_turns(
                 trajectory, max(expert.num_turns, 1) + extra_turns)

@@ -52,6 +52,21 @@ class Trajectory:
         return int(self.turn_index.max()) + 1 if (self.turn_index >= 0).any() else 0
 
 
+def through_last_sample(trajectory: Trajectory) -> Trajectory:
+    """The trajectory cut after its last sampled token (unchanged if it has none or ends there).
+
+    What follows the last sampled token -- the end-of-turn token the harness adds when the context fills, template
+    text after the final turn -- is scored by no loss and no value target (the model is causal), but it would make
+    a record one or two tokens longer than `rollout.max_context`, and so pad a whole batch to the next length bucket.
+    """
+    sampled = np.flatnonzero(trajectory.model_mask)
+    end = int(sampled[-1]) + 1 if sampled.size else len(trajectory.token_ids)
+    if end == len(trajectory.token_ids):
+        return trajectory
+    return dataclasses.replace(trajectory, token_ids=trajectory.token_ids[:end], model_mask=trajectory.model_mask[:end],
+                               sample_logprobs=trajectory.sample_logprobs[:end], turn_index=trajectory.turn_index[:end])
+
+
 def turn_indices(model_mask: np.ndarray) -> np.ndarray:
     """Number each contiguous run of sampled tokens as one agent turn; -1 on other tokens."""
     mask = np.asarray(model_mask).astype(bool)

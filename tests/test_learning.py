@@ -15,6 +15,7 @@ import pytest
 from jaxagent import losses
 from jaxagent.algorithms import loop as loop_algorithms
 from jaxagent.algorithms.batching import LogprobComputer, sequence_batch
+from jaxagent.buckets import LENGTH_BUCKETS, round_up
 from jaxagent.config import OptimConfig
 from jaxagent.objectives import sequence_logprobs
 from jaxagent.trajectory import PairBatch, pad_trajectories
@@ -29,19 +30,24 @@ def mean_logprobs(setup, trainable, trajectories) -> np.ndarray:
     return np.array([lp[t.model_mask.astype(bool)].mean() for lp, t in zip(logps, trajectories)])
 
 
-def direction_violations(name, rollouts, targets=REAL_TARGETS) -> list[str]:
-    """Run one iteration of algorithm `name`; the rollouts whose log-probability moved against their reward
-    (reward 1 must rise, reward 0 must fall: both beat / lose to every group mean)."""
-    setup, policy, config, trajectories = rollouts
+def learn_once(name, rollouts, trajectories, targets=REAL_TARGETS):
+    """One iteration of algorithm `name` on `trajectories` from the rollouts' policy: (trainable before, state
+    after, the token length of every minibatch the update step took)."""
+    setup, policy, config, _ = rollouts
     loop_cfg = dataclasses.replace(config.loop, minibatch_size=4, critic_warmup_iterations=0, epochs=2)
     update_config = UpdateConfig(loop_algorithms.loss_config(name, loop_cfg, 4, 1.0),
                                  OptimConfig(lr=1e-3, weight_decay=0.0))
+    lengths = []
+
+    def place(batch):
+        lengths.append(batch.tokens_NxT.shape[-1])
+        return batch
+
     stage = loop_algorithms.RLStage(name, loop_algorithms.get_algorithm(name), loop_cfg, update_config,
                                     make_update_step(setup.model, update_config, None),
-                                    LogprobComputer(setup.model, None, 1.0), frozen={})
+                                    LogprobComputer(setup.model, None, 1.0), frozen={}, place=place)
     trainable = loop_algorithms.trainable_of(stage.algorithm, setup, policy)
     state = init_train_state(jax.tree.map(jnp.copy, trainable), update_config)
-    before = mean_logprobs(setup, trainable, trajectories)
     loop_algorithms.targets = targets  # _learn looks its targets function up at call time
     try:
         state, stats = loop_algorithms._learn(stage, state, trajectories, 1, np.random.default_rng(0),
@@ -49,7 +55,15 @@ def direction_violations(name, rollouts, targets=REAL_TARGETS) -> list[str]:
     finally:
         loop_algorithms.targets = REAL_TARGETS
     assert stats["updates"] > 0
-    delta = mean_logprobs(setup, state.trainable, trajectories) - before
+    return trainable, state, lengths
+
+
+def direction_violations(name, rollouts, targets=REAL_TARGETS) -> list[str]:
+    """Run one iteration of algorithm `name`; the rollouts whose log-probability moved against their reward
+    (reward 1 must rise, reward 0 must fall: both beat / lose to every group mean)."""
+    setup, _, _, trajectories = rollouts
+    trainable, state, _ = learn_once(name, rollouts, trajectories, targets)
+    delta = mean_logprobs(setup, state.trainable, trajectories) - mean_logprobs(setup, trainable, trajectories)
     return [f"{t.task_id}/{t.rollout_index} reward {t.reward}: {d:+.4f}" for t, d in zip(trajectories, delta)
             if (t.reward == 1.0 and d <= 0) or (t.reward == 0.0 and d >= 0)]
 
@@ -136,3 +150,27 @@ def test_sequence_batch_keeps_each_advantage_on_its_row(rollouts):
         np.testing.assert_array_equal(batch.tokens_NxT[row, :n], trajectories[i].token_ids)
         assert batch.advantages[row] == float(i) and batch.weights_N[row] == 1.0
     assert batch.weights_N[4:].tolist() == [0.0, 0.0]
+
+
+def with_unsampled_tail(trajectory, length: int):
+    """`trajectory` grown to `length` tokens with mask-0 tokens, as a context overflow leaves it: the end-of-turn
+    token the harness closes the turn with, then template text the model never saw."""
+    extra = length - len(trajectory.token_ids)
+    grow = lambda values, fill: np.concatenate([values, np.full(extra, fill, values.dtype)])  # noqa: E731
+    return dataclasses.replace(trajectory, token_ids=grow(trajectory.token_ids, 5),
+                               model_mask=grow(trajectory.model_mask, 0),
+                               sample_logprobs=grow(trajectory.sample_logprobs, 0.0),
+                               turn_index=grow(trajectory.turn_index, -1))
+
+
+def test_tokens_after_the_last_sample_change_neither_the_update_nor_the_batch_length(rollouts):
+    """A record one token past a length bucket, all of it after its last sampled token, trains exactly like the
+    record without those tokens and does not pad the minibatch into the next bucket."""
+    _, _, _, trajectories = rollouts
+    bucket = round_up(max(len(t.token_ids) for t in trajectories), LENGTH_BUCKETS, "length")
+    overflowing = [with_unsampled_tail(trajectories[0], bucket + 1), *trajectories[1:]]
+    _, plain, plain_lengths = learn_once("loop", rollouts, trajectories)
+    _, tail, tail_lengths = learn_once("loop", rollouts, overflowing)
+    assert set(tail_lengths) == set(plain_lengths) == {bucket}
+    for a, b in zip(jax.tree.leaves(plain.trainable), jax.tree.leaves(tail.trainable)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-7)

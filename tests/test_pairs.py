@@ -67,6 +67,18 @@ def test_a_long_failure_is_cut_to_the_experts_turns_plus_five():
         truncate_turns(expert, 0)
 
 
+def test_pair_sides_end_at_their_last_sampled_token():
+    """A side that ends with tokens the model never sampled (a context overflow's closing end-of-turn token) is cut
+    after its last sampled one: those tokens weigh nothing in DPO but would lengthen the padded batch."""
+    overflowed = episode("a", 1.0, 2)
+    overflowed = Trajectory(np.append(overflowed.token_ids, [9, 9]).astype(np.int32),
+                            np.append(overflowed.model_mask, [0, 0]).astype(np.int8),
+                            np.append(overflowed.sample_logprobs, [0, 0]).astype(np.float32),
+                            np.append(overflowed.turn_index, [-1, -1]).astype(np.int32), 1.0, 0, 0, "a", {})
+    (pair,) = eto_pairs([overflowed], {"a": episode("a", 0.5, 2)})
+    assert pair.chosen.model_mask[-1] == 1 and len(pair.chosen.token_ids) == len(overflowed.token_ids) - 2
+
+
 def test_pair_batch_puts_chosen_first_and_pads_invalid_pairs():
     pairs = eto_pairs([episode("a", 0.0, 3, action=20)], {"a": episode("a", 1.0, 2)})
     ref = [(np.full(len(pairs[0].chosen.token_ids), -1.0), np.full(len(pairs[0].rejected.token_ids), -2.0))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxagent.trajectory import Trajectory, pad_trajectories, turn_indices
+from jaxagent.trajectory import Trajectory, pad_trajectories, through_last_sample, turn_indices
 
 
 def _trajectory(n: int, mask: list[int], reward: float = 0.5, group: int = 0) -> Trajectory:
@@ -40,3 +40,15 @@ def test_padding_rounds_lengths_up_and_marks_padding_rows():
     assert arrays["sample_logprobs"][0, 1] == -1.0 and arrays["sample_logprobs"][0, 5] == 0.0
     with pytest.raises(ValueError, match="rows=1 is fewer than the 2 trajectories"):
         pad_trajectories(records, rows=1)
+
+
+def test_a_record_cut_after_its_last_sample_keeps_everything_before_it():
+    record = _trajectory(7, [0, 1, 1, 0, 1, 0, 0])
+    cut = through_last_sample(record)
+    assert len(cut.token_ids) == 5 and cut.model_mask.tolist() == [0, 1, 1, 0, 1]
+    np.testing.assert_array_equal(cut.sample_logprobs, record.sample_logprobs[:5])
+    np.testing.assert_array_equal(cut.turn_index, [-1, 0, 0, -1, 1])
+    assert (cut.reward, cut.task_id, cut.info) == (record.reward, record.task_id, record.info)
+    ends_sampling = _trajectory(3, [0, 1, 1])
+    never_sampled = _trajectory(3, [0, 0, 0])
+    assert through_last_sample(ends_sampling) is ends_sampling and through_last_sample(never_sampled) is never_sampled

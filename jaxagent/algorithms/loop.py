@@ -46,7 +46,7 @@ from jaxagent.envs.registry import list_tasks
 from jaxagent.errors import lookup
 from jaxagent.metrics import rollout_stats
 from jaxagent.models.heads import init_value_head
-from jaxagent.trajectory import Trajectory, pad_trajectories
+from jaxagent.trajectory import Trajectory, pad_trajectories, through_last_sample
 from jaxagent.update import (
     LossConfig,
     TrainState,
@@ -217,6 +217,7 @@ def _learn(stage: RLStage, state: TrainState, trajectories: list[Trajectory], it
            shuffle_rng: np.random.Generator, key: jax.Array) -> tuple[TrainState, dict]:
     """Advantages, filter and the epochs of minibatch updates of one iteration; returns (state, statistics)."""
     stats = rollout_stats(trajectories)
+    trajectories = [through_last_sample(t) for t in trajectories]
     target = targets(stage, state, trajectories, iteration)
     kept = [i for i in range(len(trajectories)) if target.keep[i] > 0]
     stats.update(kept=len(kept), advantage_abs_mean=float(np.mean(np.abs(target.advantages)))
