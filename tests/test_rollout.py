@@ -20,6 +20,7 @@ from jaxagent.models import ModelConfig, forward, init_params
 from jaxagent.rollout import RolloutConfig, collect, truncate_observation
 from jaxagent.sampling import Sampler, SamplingError
 from jaxagent.tokens import ChatRenderer
+from jaxagent.trajectory import through_last_sample
 
 VOCAB = 512
 MODEL = ModelConfig(family="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -205,7 +206,10 @@ def test_context_overflow_ends_the_episode_cleanly(renderer, params):
                            jax.random.key(4))
     assert {t.termination for t in trajectories} == {CONTEXT_OVERFLOW}
     for trajectory in trajectories:
+        # The harness closes the cut turn with an end-of-turn token the model never saw; what the learner keeps
+        # (through the last sampled token) fits the context that memory plans are made for.
         assert len(trajectory.token_ids) <= config.max_context + 1 and trajectory.reward == 0.25
+        assert len(through_last_sample(trajectory).token_ids) <= config.max_context
         check_record(trajectory, renderer)
     check_logprobs(trajectories, params)
 
