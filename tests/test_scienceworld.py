@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 
 import pytest
 
+from jaxagent.envs import scienceworld
 from jaxagent.envs.base import EnvError
 from jaxagent.envs.scienceworld import (
     ETO_STEP_LIMITS,
+    JVM_HEAP,
     SIMPLIFICATION,
     SPEC,
     JvmPool,
@@ -86,6 +91,62 @@ def test_a_runs_episodes_borrow_the_jvms_of_one_pool():
         assert jvms[0] is jvms[1] and service.capacity == 1
     finally:
         service.close()
+
+
+class FakeJvm:
+    """Stands in for a JVM where only the pool's bookkeeping is tested."""
+
+    def __init__(self, *args, **kwargs):
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_jvms_left_idle_are_stopped_and_busy_ones_are_not(monkeypatch):
+    """A run's pool stops JVMs idle past `idle_stop_s` (an update phase between collections), so that they do not
+    hold their memory; a JVM an episode holds is never stopped, and the next episode gets a new JVM."""
+    monkeypatch.setattr(scienceworld, "_new_jvm", FakeJvm)
+    pool = JvmPool(2, wait_s=1.0, idle_stop_s=0.2)
+    try:
+        idle, busy = pool.acquire(), pool.acquire()
+        pool.release(idle)
+        deadline = time.monotonic() + 10
+        while not idle.closed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert idle.closed and not busy.closed
+        fresh = pool.acquire()  # the stopped JVM's slot is free again: a new JVM, not a wait for the busy one
+        assert fresh is not idle and not fresh.closed
+    finally:
+        pool.close()
+
+
+def test_jvms_started_at_once_all_get_the_heap_cap_and_the_environment_is_restored(monkeypatch):
+    """JVM starts on several threads each see `JVM_HEAP` in JAVA_TOOL_OPTIONS, and once they are done the variable
+    is as it was: a start that overlaps another must neither leave the cap set for the rest of the process nor take
+    it away from a JVM still starting."""
+    import scienceworld as package
+
+    seen, order = [], []
+
+    class SlowFakeJvm(FakeJvm):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            order.append(self)
+            seen.append(os.environ.get("JAVA_TOOL_OPTIONS"))
+            time.sleep(0.1 * len(order))  # the first start ends first, while the others are still starting
+
+    monkeypatch.setattr(scienceworld, "require_java", lambda: None)
+    monkeypatch.setattr(package, "ScienceWorldEnv", SlowFakeJvm)
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Dsome.user=option")
+    threads = [threading.Thread(target=scienceworld._new_jvm) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 3 and all(s is not None and JVM_HEAP in s and "-Dsome.user=option" in s for s in seen)
+    assert os.environ["JAVA_TOOL_OPTIONS"] == "-Dsome.user=option"
 
 
 def test_actions_are_parsed_from_the_eto_format(pool):

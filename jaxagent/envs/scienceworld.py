@@ -16,21 +16,23 @@ Two protocols (`env.options.protocol`):
 `find-*` tasks for a quick run.
 
 JVMs are expensive (~0.7 s to start, hundreds of MB), so episodes borrow them from a `JvmPool`: a run's episodes share
-one pool of at most `rollout.max_concurrent` JVMs (`start_pool`), and an episode made without one starts a JVM of its
-own. A JVM that dies is replaced and the episode's actions are replayed on the new one.
+one pool of at most `rollout.max_concurrent` JVMs (`start_pool`; those idle for a minute are stopped), and an episode
+made without one starts a JVM of its own. A JVM that dies is replaced and the episode's actions are replayed on the
+new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import logging
 import os
-import queue
 import shutil
 import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +48,9 @@ JVM_HEAP = "-Xmx768m"
 # An episode waiting for a JVM of the run's pool waits for other episodes to end (expert demonstrations play on more
 # threads than the pool has JVMs): minutes on a slow machine, not a fault.
 RUN_POOL_WAIT_S = 600.0
+# A run's JVMs idle this long (an update phase, not the gap between two episodes) are stopped, to free their memory;
+# the next collection starts new ones (~0.7 s each).
+RUN_POOL_IDLE_STOP_S = 60.0
 DEFAULT_STEP_LIMIT = 50  # actions per episode unless the task's gold path asks for more
 SYSTEM_PROMPT = (
     "You are a scientist exploring a house with rooms, objects and substances, doing the experiment you are asked "
@@ -82,71 +87,114 @@ def _new_jvm(step_limit: int = 100) -> Any:
     require_java()
     from scienceworld import ScienceWorldEnv
 
-    # The package starts Java without options; a bounded heap keeps a pool of JVMs within a laptop's memory.
-    previous = os.environ.get("JAVA_TOOL_OPTIONS")
-    os.environ["JAVA_TOOL_OPTIONS"] = f"{previous} {JVM_HEAP}" if previous else JVM_HEAP
-    try:
+    with _capped_java_heap():
         return ScienceWorldEnv("", envStepLimit=step_limit)
+
+
+_java_options_lock = threading.Lock()
+_java_starts = 0  # JVM starts in flight, which all need the heap cap in the environment
+_saved_java_options: str | None = None
+
+
+@contextlib.contextmanager
+def _capped_java_heap():
+    """JAVA_TOOL_OPTIONS with `JVM_HEAP` added while JVMs start, and as it was once none is starting.
+
+    The package starts Java without options, and a bounded heap keeps a pool of JVMs within a laptop's memory. The
+    variable is process-wide and pools start JVMs on several threads at once, so the first start in flight sets it
+    and the last one restores it: each restoring its own saved value would leave the cap set for good, or take it
+    away from a JVM still starting.
+    """
+    global _java_starts, _saved_java_options
+    with _java_options_lock:
+        if _java_starts == 0:
+            _saved_java_options = os.environ.get("JAVA_TOOL_OPTIONS")
+            os.environ["JAVA_TOOL_OPTIONS"] = (f"{_saved_java_options} {JVM_HEAP}" if _saved_java_options
+                                               else JVM_HEAP)
+        _java_starts += 1
+    try:
+        yield
     finally:
-        if previous is None:
-            os.environ.pop("JAVA_TOOL_OPTIONS", None)
-        else:
-            os.environ["JAVA_TOOL_OPTIONS"] = previous
+        with _java_options_lock:
+            _java_starts -= 1
+            if _java_starts == 0:
+                if _saved_java_options is None:
+                    os.environ.pop("JAVA_TOOL_OPTIONS", None)
+                else:
+                    os.environ["JAVA_TOOL_OPTIONS"] = _saved_java_options
 
 
 class JvmPool:
-    """Up to `capacity` ScienceWorld JVMs shared by episodes: acquire one for an episode, release it after."""
+    """Up to `capacity` ScienceWorld JVMs shared by episodes: acquire one for an episode, release it after.
 
-    def __init__(self, capacity: int = 4, wait_s: float = 30.0) -> None:
-        self.capacity, self.wait_s = capacity, wait_s
-        self._idle: queue.LifoQueue = queue.LifoQueue()
+    With `idle_stop_s`, a thread stops JVMs left idle that long, so that a run's JVMs do not hold their memory
+    through a long update phase between two collections (episodes of one collection re-borrow them within seconds).
+    """
+
+    def __init__(self, capacity: int = 4, wait_s: float = 30.0, idle_stop_s: float | None = None) -> None:
+        self.capacity, self.wait_s, self.idle_stop_s = capacity, wait_s, idle_stop_s
+        self._idle: list[tuple[Any, float]] = []  # (JVM, when it was released), the most recent last
         self._created = 0
-        self._lock = threading.Lock()
+        self._closed = False
+        self._changed = threading.Condition()
+        if idle_stop_s is not None:
+            threading.Thread(target=self._stop_idle, name="jvm-pool-idle", daemon=True).start()
 
     def acquire(self) -> Any:
-        """An idle JVM, a new one while under capacity, or wait for one."""
+        """The most recently released JVM, a new one while under capacity, or wait for either."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._idle or self._created < self.capacity, self.wait_s):
+                raise EnvError(f"no ScienceWorld JVM free after {self.wait_s:g} s: {self.capacity} are in use; run "
+                               f"at most {self.capacity} episodes at once (rollout.max_concurrent) or enlarge the "
+                               "pool")
+            if self._idle:
+                return self._idle.pop()[0]
+            self._created += 1
         try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            create = self._created < self.capacity
-            if create:
-                self._created += 1
-        if create:
-            try:
-                return _new_jvm()
-            except BaseException:
-                with self._lock:
-                    self._created -= 1
-                raise
-        try:
-            return self._idle.get(timeout=self.wait_s)
-        except queue.Empty:
-            raise EnvError(f"no ScienceWorld JVM free after {self.wait_s:g} s: {self.capacity} are in use; run at most "
-                           f"{self.capacity} episodes at once (rollout.max_concurrent) or enlarge the pool") from None
+            return _new_jvm()
+        except BaseException:
+            self._forget_one()
+            raise
 
     def release(self, jvm: Any) -> None:
         """Return a JVM for the next episode."""
-        self._idle.put(jvm)
+        with self._changed:
+            self._idle.append((jvm, time.monotonic()))
+            self._changed.notify_all()
 
     def discard(self, jvm: Any) -> None:
-        """Drop a JVM that died (its slot becomes free)."""
+        """Stop a JVM (one that died, or one no longer needed); its slot becomes free."""
         try:
             jvm.close()
         except Exception:  # noqa: BLE001 - it is already broken
             pass
-        with self._lock:
-            self._created -= 1
+        self._forget_one()
 
     def close(self) -> None:
-        """Stop every idle JVM."""
-        while True:
-            try:
-                jvm = self._idle.get_nowait()
-            except queue.Empty:
-                return
+        """Stop every idle JVM (and the idle-stopping thread)."""
+        with self._changed:
+            idle, self._idle, self._closed = self._idle, [], True
+            self._changed.notify_all()
+        for jvm, _ in idle:
             self.discard(jvm)
+
+    def _forget_one(self) -> None:
+        with self._changed:
+            self._created -= 1
+            self._changed.notify_all()
+
+    def _stop_idle(self) -> None:
+        """Every half `idle_stop_s`, stop the JVMs idle longer than `idle_stop_s`, until the pool closes."""
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._closed, self.idle_stop_s / 2)
+                if self._closed:
+                    return
+                cutoff = time.monotonic() - self.idle_stop_s
+                stale = [jvm for jvm, released in self._idle if released < cutoff]
+                self._idle = [(jvm, released) for jvm, released in self._idle if released >= cutoff]
+            for jvm in stale:
+                self.discard(jvm)
 
 
 def game_step(jvm: Any, action: str) -> tuple[str, bool, int]:
@@ -397,7 +445,7 @@ class ScienceWorldEnv:
 def start_pool(options: dict, concurrency: int) -> JvmPool:
     """The run's JVMs: one per episode in play at once, started on demand and lent to episode after episode (an
     episode that starts while all are in use waits for one; the caller closes the pool)."""
-    return JvmPool(capacity=concurrency, wait_s=RUN_POOL_WAIT_S)
+    return JvmPool(capacity=concurrency, wait_s=RUN_POOL_WAIT_S, idle_stop_s=RUN_POOL_IDLE_STOP_S)
 
 
 def make(task_id: str, seed: int = 0, service: JvmPool | None = None, **options: Any) -> ScienceWorldEnv:
