@@ -157,10 +157,13 @@ class JvmPool:
             raise
 
     def release(self, jvm: Any) -> None:
-        """Return a JVM for the next episode."""
+        """Return a JVM for the next episode (or stop it, if the pool has closed meanwhile)."""
         with self._changed:
-            self._idle.append((jvm, time.monotonic()))
-            self._changed.notify_all()
+            if not self._closed:
+                self._idle.append((jvm, time.monotonic()))
+                self._changed.notify_all()
+                return
+        self.discard(jvm)
 
     def discard(self, jvm: Any) -> None:
         """Stop a JVM (one that died, or one no longer needed); its slot becomes free."""
@@ -171,7 +174,7 @@ class JvmPool:
         self._forget_one()
 
     def close(self) -> None:
-        """Stop every idle JVM (and the idle-stopping thread)."""
+        """Stop every idle JVM now, each borrowed one when it is released, and the idle-stopping thread."""
         with self._changed:
             idle, self._idle, self._closed = self._idle, [], True
             self._changed.notify_all()
