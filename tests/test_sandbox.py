@@ -228,6 +228,38 @@ def test_a_trainer_that_ends_without_closing_its_sandbox_leaves_neither_its_scra
     _wait_until_ended(int(harness))
 
 
+# A trainer that opens and closes sandboxes on 8 threads at once, under the scratch root it is given, until killed.
+CHURNING_TRAINER = """
+import sys, threading
+from jaxagent.envs.sandbox import Sandbox, SandboxLimits
+def churn():
+    while True:
+        Sandbox(SandboxLimits(cell_timeout_s=3.0, memory_mb=512, max_processes=8), scratch_root=sys.argv[1]).close()
+for _ in range(8):
+    threading.Thread(target=churn, daemon=True).start()
+print("started", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_trainer_killed_while_its_sandboxes_start_leaves_no_scratch_directory(tmp_path):
+    """Every scratch directory is made by the launcher, which outlives the trainer and removes what it made: with
+    8 threads starting sandboxes, the trainer is killed while some wait for the launcher (a directory made by the
+    trainer before its request would be nobody's to remove)."""
+    trainer = subprocess.Popen([sys.executable, "-c", CHURNING_TRAINER, str(tmp_path)], stdout=subprocess.PIPE,
+                               text=True)
+    assert trainer.stdout.readline().strip() == "started"
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.iterdir())) < 4 and time.monotonic() < deadline:  # several sandboxes starting at once
+        time.sleep(0.005)
+    trainer.kill()
+    trainer.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while list(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _wait_until_ended(pid: int) -> None:
     deadline = time.monotonic() + 5
     while _alive(pid) and time.monotonic() < deadline:

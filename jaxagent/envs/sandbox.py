@@ -88,7 +88,8 @@ class CellResult:
 
 
 def minimal_environment(home: str) -> dict:
-    """The sandbox processes' whole environment: none of the trainer's variables (tokens, keys) reach them."""
+    """The sandbox processes' whole environment, HOME and TMPDIR at `home` (the launcher puts a harness's in its
+    scratch directory): none of the trainer's variables (tokens, keys) reach them."""
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
 
@@ -107,12 +108,13 @@ class Launcher:
         os.register_at_fork(after_in_child=self._reset_in_child)
         atexit.register(self._forget, let_it_clean_up=True)  # the trainer ends: so does its launcher
 
-    def start(self, scratch: str, pipes: tuple[int, int], config: dict, environment: dict) -> int:
-        """Fork a harness for a new sandbox (its pipes from and to the trainer); returns its pid."""
-        answer = self._ask({"start": config, "scratch": scratch, "env": environment}, pipes)
+    def start(self, scratch_root: str, pipes: tuple[int, int], config: dict, environment: dict) -> tuple[int, str]:
+        """Fork a harness for a new sandbox (its pipes from and to the trainer) in a new scratch directory under
+        `scratch_root`; returns the harness's pid and the directory."""
+        answer = self._ask({"start": config, "scratch_root": scratch_root, "env": environment}, pipes)
         if "pid" not in answer:
             raise SandboxError(f"the sandbox launcher could not start a harness: {answer.get('error')}")
-        return int(answer["pid"])
+        return int(answer["pid"]), answer["scratch"]
 
     def stop(self, pid: int) -> None:
         """SIGKILL a harness's process group and reap it."""
@@ -252,8 +254,7 @@ class Sandbox:
     # ---- process management ---------------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        self.scratch = tempfile.mkdtemp(prefix="jaxagent-sandbox-", dir=self.scratch_root)
-        os.chmod(self.scratch, 0o755)
+        self.scratch = None  # the launcher creates it (and removes it if this trainer dies)
         self._interpreter_pid = None
         try:
             try:
@@ -287,8 +288,10 @@ class Sandbox:
         request_read, self._request_write = os.pipe()
         self._reply_read, reply_write = os.pipe()
         try:
-            self._harness = LAUNCHER.start(self.scratch, (request_read, reply_write), self._worker_config(),
-                                           minimal_environment(self.scratch))
+            # The trainer's temporary folder, not the launcher's (which runs with the minimal environment).
+            root = os.path.abspath(self.scratch_root or tempfile.gettempdir())
+            self._harness, self.scratch = LAUNCHER.start(root, (request_read, reply_write), self._worker_config(),
+                                                         minimal_environment("/nonexistent"))
         finally:  # the harness holds them now
             os.close(request_read)
             os.close(reply_write)

@@ -6,9 +6,12 @@ like the harness and never runs agent code. `jaxagent.envs.sandbox` starts it as
 jaxagent.envs.sandbox_launcher FD` with the sandbox's minimal environment (none of the trainer's variables) and talks
 to it over a Unix seqpacket socket (FD), one JSON message per request and per answer:
 
-- `{"start": config, "scratch": dir, "env": {...}}` with the request and reply pipes of the new sandbox attached:
-  imports the modules the sandbox preloads and its host's module (once per launcher), forks the harness (its own
-  session, working directory `scratch`, environment `env`), which runs `sandbox_worker.run`; answers `{"pid": n}`.
+- `{"start": config, "scratch_root": dir, "env": {...}}` with the request and reply pipes of the new sandbox
+  attached: creates the sandbox's scratch directory under `scratch_root`, imports the modules the sandbox preloads and
+  its host's module (once per launcher), forks the harness (its own session, working directory the scratch
+  directory, environment `env` with HOME and TMPDIR there), which runs `sandbox_worker.run`; answers
+  `{"pid": n, "scratch": dir}`. The launcher, not the trainer, creates the directory, so a trainer killed at any
+  moment leaves none behind: the launcher removes every directory it made.
 - `{"stop": pid}`: SIGKILLs the harness's process group, reaps it and removes its scratch directory; answers
   `{"status": how}`.
 - `{"wait": pid, "timeout": s}`: `{"status": how}` once the harness ended, `{"status": null}` if still running then.
@@ -27,11 +30,13 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from jaxagent.envs import sandbox_worker
 
 MAX_MESSAGE_BYTES = 1 << 20
+SCRATCH_PREFIX = "jaxagent-sandbox-"
 # How long the harnesses left behind by a trainer get to end by themselves (their requests end, so they return)
 # before they are killed.
 ORPHAN_GRACE_S = 2.0
@@ -60,7 +65,7 @@ def _kill_and_reap(pid: int) -> str | None:
     return _wait(pid, 5.0)
 
 
-def _fork_harness(channel: socket.socket, request: dict, fds: list[int]) -> int:
+def _fork_harness(channel: socket.socket, request: dict, fds: list[int], scratch: str) -> int:
     config = request["start"]
     host = config.get("host")
     for module in [*config.get("preload", ()), *([host["factory"].split(":")[0]] if host else [])]:
@@ -70,10 +75,10 @@ def _fork_harness(channel: socket.socket, request: dict, fds: list[int]) -> int:
         try:
             channel.close()  # a harness has no say over other sandboxes
             os.setsid()  # the trainer stops a sandbox by SIGKILLing this group
-            os.chdir(request["scratch"])
+            os.chdir(scratch)
             os.environ.clear()
-            os.environ.update(request["env"])
-            sandbox_worker.run(request["scratch"], fds[0], fds[1], config)
+            os.environ.update({**request["env"], "HOME": scratch, "TMPDIR": scratch})
+            sandbox_worker.run(scratch, fds[0], fds[1], config)
         finally:
             os._exit(70)
     for fd in fds:
@@ -85,13 +90,18 @@ def _answer(channel: socket.socket, request: dict, fds: list[int], scratch_of: d
     if "start" in request:
         if len(fds) != 2:
             return {"error": f"a start request carries 2 descriptors, not {len(fds)}"}
+        scratch = None
         try:
-            pid = _fork_harness(channel, request, fds)
-            scratch_of[pid] = request["scratch"]
-            return {"pid": pid}
-        except Exception as err:  # a host module that fails to import, no memory to fork: this sandbox only
+            scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=request["scratch_root"])
+            os.chmod(scratch, 0o755)  # the interpreter may run as another user (sandbox_worker)
+            pid = _fork_harness(channel, request, fds, scratch)
+            scratch_of[pid] = scratch
+            return {"pid": pid, "scratch": scratch}
+        except Exception as err:  # no such root, a host module that fails to import, no memory: this sandbox only
             for fd in fds:
                 os.close(fd)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
             return {"error": f"{type(err).__name__}: {err}"}
     for fd in fds:
         os.close(fd)
