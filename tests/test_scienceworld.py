@@ -121,6 +121,8 @@ def test_jvms_left_idle_are_stopped_and_busy_ones_are_not(monkeypatch):
         pool.close()
     pool.release(busy)  # an episode that ends after its run closed the pool: its JVM stops too
     assert busy.closed
+    with pytest.raises(EnvError, match="pool is closed"):
+        pool.acquire()
 
 
 def test_jvms_started_at_once_all_get_the_heap_cap_and_the_environment_is_restored(monkeypatch):

@@ -143,10 +143,13 @@ class JvmPool:
     def acquire(self) -> Any:
         """The most recently released JVM, a new one while under capacity, or wait for either."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self._idle or self._created < self.capacity, self.wait_s):
+            if not self._changed.wait_for(lambda: self._closed or self._idle or self._created < self.capacity,
+                                          self.wait_s):
                 raise EnvError(f"no ScienceWorld JVM free after {self.wait_s:g} s: {self.capacity} are in use; run "
                                f"at most {self.capacity} episodes at once (rollout.max_concurrent) or enlarge the "
                                "pool")
+            if self._closed:  # its JVMs would outlive the run: nothing stops them any more
+                raise EnvError("the ScienceWorld JVM pool is closed; episodes of a finished run cannot start")
             if self._idle:
                 return self._idle.pop()[0]
             self._created += 1
