@@ -87,10 +87,10 @@ class CellResult:
         return "\n".join(part for part in (self.output.rstrip("\n"), (self.error or "").rstrip("\n")) if part)
 
 
-def minimal_environment(home: str) -> dict:
-    """The sandbox processes' whole environment, HOME and TMPDIR at `home` (the launcher puts a harness's in its
-    scratch directory): none of the trainer's variables (tokens, keys) reach them."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+def minimal_environment() -> dict:
+    """The sandbox processes' whole environment: none of the trainer's variables (tokens, keys) reach them. HOME and
+    TMPDIR lead nowhere; the launcher points a harness's at its scratch directory."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/nonexistent", "TMPDIR": "/nonexistent", "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
 
 
@@ -156,7 +156,7 @@ class Launcher:
             self._process = subprocess.Popen(
                 [sys.executable, "-I", "-m", "jaxagent.envs.sandbox_launcher", str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env=minimal_environment("/nonexistent"), cwd="/", pass_fds=(theirs.fileno(),),
+                env=minimal_environment(), cwd="/", pass_fds=(theirs.fileno(),),
                 start_new_session=True, close_fds=True)
         except OSError as err:
             ours.close()
@@ -291,7 +291,7 @@ class Sandbox:
             # The trainer's temporary folder, not the launcher's (which runs with the minimal environment).
             root = os.path.abspath(self.scratch_root or tempfile.gettempdir())
             self._harness, self.scratch = LAUNCHER.start(root, (request_read, reply_write), self._worker_config(),
-                                                         minimal_environment("/nonexistent"))
+                                                         minimal_environment())
         finally:  # the harness holds them now
             os.close(request_read)
             os.close(reply_write)
