@@ -31,6 +31,16 @@ class ConfigError(UserError):
     """A configuration that cannot run; the message names the key and what is valid."""
 
 
+def check_sampling(section: str, temperature: float, top_p: float, top_k: int, error: type[Exception]) -> None:
+    """A section's sampling settings, in the words of `jaxagent.sampling.SamplingParams` (which needs JAX)."""
+    if temperature < 0:
+        raise error(f"{section}.temperature={temperature} must be >= 0 (0 decodes greedily)")
+    if not 0 < top_p <= 1:
+        raise error(f"{section}.top_p={top_p} must be in (0, 1] (1: off)")
+    if top_k < 0:
+        raise error(f"{section}.top_k={top_k} must be >= 0 (0: off)")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with global-norm clipping (LOOP: lr 5e-5 constant, weight decay 0.01, clip 1)."""
@@ -51,6 +61,12 @@ class OptimConfig:
             raise ConfigError(f"optim.schedule={self.schedule!r} needs optim.total_steps > 0")
         if self.lr <= 0 or self.max_grad_norm <= 0:
             raise ConfigError(f"optim.lr={self.lr} and optim.max_grad_norm={self.max_grad_norm} must be > 0")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} and optim.warmup_steps={self.warmup_steps} "
+                              "must be >= 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1) or self.eps <= 0:
+            raise ConfigError(f"optim.b1={self.b1} and optim.b2={self.b2} must be in [0, 1), optim.eps={self.eps} "
+                              "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +110,10 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
         if self.kv_cache_gb < 0:
             raise ValueError(f"rollout.kv_cache_gb={self.kv_cache_gb} must be >= 0 (0: no budget)")
+        # The sampler checks these too, but only when the first episode starts: after SFT, minutes or hours in.
+        check_sampling("rollout", self.temperature, self.top_p, self.top_k, ValueError)
+        if self.env_timeout_s <= 0:
+            raise ValueError(f"rollout.env_timeout_s={self.env_timeout_s} must be > 0")
         if not 0.0 <= self.early_stop_fraction <= 1.0:
             raise ValueError(f"rollout.early_stop_fraction={self.early_stop_fraction} must be in [0, 1]")
 
@@ -539,6 +559,16 @@ def _validate_collect(collect: CollectSection) -> None:
                           f"{collect.tasks} and collect.temperature={collect.temperature} >= 0")
 
 
+def _validate_loop_coefficients(loop: LoopSection) -> None:
+    # epsilon 0 clips every ratio to 1 (no gradient); a symmetric clip at epsilon >= 1 has no lower bound.
+    if loop.epsilon <= 0 or (loop.clip == "symmetric" and loop.epsilon >= 1):
+        valid = "in (0, 1) with loop.clip=symmetric" if loop.clip == "symmetric" else "> 0"
+        raise ConfigError(f"loop.epsilon={loop.epsilon} must be {valid}")
+    for key in ("min_abs_advantage", "kl_coef", "value_coef", "value_coef_end", "critic_warmup_iterations"):
+        if getattr(loop, key) < 0:
+            raise ConfigError(f"loop.{key}={getattr(loop, key)} must be >= 0")
+
+
 def _validate_advantage(advantage: str, rl_stages: list[str]) -> None:
     if not advantage:
         return
@@ -605,6 +635,7 @@ def validate(config: TrainConfig) -> None:
                           f"loop.micro_batches={loop.micro_batches}")
     check_choice(loop.ratio_level, choices.RATIO_LEVELS, "loop.ratio_level", ConfigError)
     check_choice(loop.clip, choices.CLIP_MODES, "loop.clip", ConfigError)
+    _validate_loop_coefficients(loop)
     _validate_advantage(loop.advantage, rl)
     check_choice(loop.ei_filter, choices.FINETUNE_FILTERS, "loop.ei_filter", ConfigError)
     check_choice(config.sft.per, choices.SFT_NORMALISATIONS, "sft.per", ConfigError)
@@ -637,8 +668,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("eval.every, checkpoint.every and checkpoint.keep must be >= 1")
     if config.eval.rollouts_per_task < 1 or config.eval.tasks < 0:
         raise ConfigError("eval.rollouts_per_task must be >= 1 and eval.tasks >= 0")
-    if config.eval.temperature < 0:
-        raise ConfigError(f"eval.temperature={config.eval.temperature} must be >= 0 (0 decodes greedily)")
+    check_sampling("eval", config.eval.temperature, config.eval.top_p, 0, ConfigError)
     if config.loop.kl_stop < 0:
         raise ConfigError(f"loop.kl_stop={config.loop.kl_stop} must be >= 0 (0 turns the guard off)")
 

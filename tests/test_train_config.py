@@ -77,6 +77,19 @@ def test_overrides_are_typed_and_nested():
     (["model.param_dtype=bfloat16"], ["model.param_dtype=bfloat16", "lora.enabled=true", "float32"]),
     (["eval.temperature=-0.5"], ["eval.temperature=-0.5", ">= 0"]),
     (["loop.kl_stop=-1"], ["loop.kl_stop=-1.0", ">= 0"]),
+    # Sampling settings fail at start-up, not when the first episode starts after SFT.
+    (["rollout.temperature=-1"], ["rollout.temperature=-1.0", ">= 0"]),
+    (["rollout.top_p=0"], ["rollout.top_p=0.0", "(0, 1]"]),
+    (["rollout.top_k=-3"], ["rollout.top_k=-3", ">= 0"]),
+    (["eval.top_p=1.5"], ["eval.top_p=1.5", "(0, 1]"]),
+    (["rollout.env_timeout_s=0"], ["rollout.env_timeout_s=0.0", "> 0"]),
+    (["loop.epsilon=0"], ["loop.epsilon=0.0", "> 0"]),
+    (["loop.clip=symmetric", "loop.epsilon=1"], ["loop.epsilon=1.0", "(0, 1)", "symmetric"]),
+    (["loop.kl_coef=-0.1"], ["loop.kl_coef=-0.1", ">= 0"]),
+    (["loop.min_abs_advantage=-1"], ["loop.min_abs_advantage=-1.0", ">= 0"]),
+    (["optim.b2=1"], ["optim.b2=1.0", "[0, 1)"]),
+    (["sft.optim.weight_decay=-0.1"], ["optim.weight_decay=-0.1", ">= 0"]),
+    (["optim.eps=0"], ["optim.eps=0.0", "> 0"]),
 ])
 def test_bad_configuration_names_the_key(overrides, words):
     with pytest.raises(ConfigError) as err:
