@@ -16,6 +16,8 @@ update step is jitted exactly as it always was. On a mesh:
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from typing import Any
 
 import jax
@@ -36,6 +38,8 @@ from jaxagent.update import (
     train_state_shardings,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
@@ -52,6 +56,10 @@ class Placement:
         process samples on a mesh of its own devices with the same `tensor` size."""
         devices = jax.devices()
         if len(devices) == 1:
+            asked = math.prod(size for size in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) if size != -1)
+            if asked > 1:  # a paper config rehearsed on a laptop runs; say that it runs unsharded
+                log.warning("mesh data=%d fsdp=%d tensor=%d asks for %d devices, but 1 is present: running "
+                            "unsharded on it", mesh_config.data, mesh_config.fsdp, mesh_config.tensor, asked)
             return Placement(model, lora)
         mesh = make_mesh(mesh_config, devices)
         if jax.process_count() == 1:

@@ -43,6 +43,21 @@ def test_make_mesh_checks_axis_names_and_device_count():
         make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
+def test_one_device_runs_a_multi_device_mesh_unsharded_and_says_so(caplog):
+    from jaxagent.models.config import ModelConfig
+    from jaxagent.placement import Placement
+
+    model = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=8, family="qwen2")
+    assert len(jax.devices()) == 1
+    with caplog.at_level("WARNING", logger="jaxagent.placement"):
+        assert Placement.for_devices(model, None, MeshConfig(data=-1)).mesh is None
+        assert not caplog.records  # the default mesh fits one device: nothing to say
+        assert Placement.for_devices(model, None, MeshConfig(data=2, fsdp=1, tensor=8)).mesh is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "mesh data=2 fsdp=1 tensor=8 asks for 16 devices, but 1 is present: running unsharded on it"]
+
+
 def test_rules_skip_axes_that_do_not_divide():
     class FakeMesh:
         shape = {"data": 2, "fsdp": 4, "tensor": 2}
