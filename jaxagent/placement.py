@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any
 
 import jax
@@ -56,7 +55,7 @@ class Placement:
         process samples on a mesh of its own devices with the same `tensor` size."""
         devices = jax.devices()
         if len(devices) == 1:
-            asked = math.prod(size for size in (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) if size != -1)
+            asked = mesh_config.fixed_devices
             if asked > 1:  # a paper config rehearsed on a laptop runs; say that it runs unsharded
                 log.warning("mesh data=%d fsdp=%d tensor=%d asks for %d devices, but 1 is present: running "
                             "unsharded on it", mesh_config.data, mesh_config.fsdp, mesh_config.tensor, asked)

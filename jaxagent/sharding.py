@@ -63,7 +63,7 @@ class MeshConfig:
         bad = [f"{name}={size}" for name, size in sizes.items() if size == 0 or size < -1]
         if bad or len(wildcards) > 1:
             raise MeshError(f"mesh {self._text()} invalid: sizes must be positive, with at most one -1")
-        fixed = math.prod(size for size in sizes.values() if size != -1)
+        fixed = self.fixed_devices
         if wildcards:
             if device_count % fixed:
                 raise MeshError(f"mesh {self._text()} does not divide {device_count} devices; "
@@ -73,6 +73,11 @@ class MeshConfig:
             raise MeshError(f"mesh {self._text()} needs {fixed} devices but {device_count} are present; "
                             f"valid: sizes whose product is {device_count} (or use -1 for one axis)")
         return sizes
+
+    @property
+    def fixed_devices(self) -> int:
+        """The product of the sizes given (a -1 axis counts 1): the fewest devices this mesh needs."""
+        return math.prod(size for size in (self.data, self.fsdp, self.tensor) if size != -1)
 
     def _text(self) -> str:
         return f"{{data: {self.data}, fsdp: {self.fsdp}, tensor: {self.tensor}}}"
