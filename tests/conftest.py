@@ -39,6 +39,14 @@ elif not ACCELERATOR:
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 reuse_freed_memory()  # as the commands do: XLA's buffers are reused between calls, not mapped afresh for each
 
+def pytest_report_header(config) -> str:
+    """The CPU the suite ran on, at the top of its log: its durations differ 2-3x between the kinds of 2-core CPU
+    that CI machines have, so a log's timings mean something only beside its CPU."""
+    from benchmarks.machine import cpu_model
+
+    return f"cpu: {cpu_model()}, {os.cpu_count()} cores"
+
+
 VOCAB = 512
 
 # name -> (transformers class name, config kwargs). Sizes are tiny but keep every structural feature.
