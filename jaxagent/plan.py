@@ -86,8 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if jax.device_count() != args.devices:
             raise PlanError(f"--backend local compiles for this machine's {jax.device_count()} device(s); "
                             f"--devices={args.devices} differs (use --backend cpu to simulate {args.devices})")
+    from jaxagent import compiling
     from jaxagent.config import load_config
 
+    compiling.collect_garbage_less_often()  # planning is mostly tracing the update and decode steps
     config = load_config(args.config, args.overrides)
     report = plan(config, args.devices, args.device_memory * GIB, min(args.devices_per_host, args.devices))
     if args.json:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 # Imports no JAX, so XLA's flags and the allocator can still be set.
-from jaxagent.compiling import ACCELERATOR_PLUGINS, QUICK_CPU_FLAGS, reuse_freed_memory
+from jaxagent.compiling import ACCELERATOR_PLUGINS, QUICK_CPU_FLAGS, collect_garbage_less_often, reuse_freed_memory
 
 # XLA's compiled programs are kept on disk and shared by every test, worker and subprocess (end-to-end runs compile
 # the same steps again and again): the first test to build a program pays for it. Set before JAX is imported.
@@ -38,6 +38,13 @@ elif not ACCELERATOR:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 reuse_freed_memory()  # as the commands do: XLA's buffers are reused between calls, not mapped afresh for each
+
+
+def pytest_collection_finish(session) -> None:
+    """As the commands do, once every test module is imported: a worker that traces models for minutes spent ~10 %
+    of its time in Python's garbage collector, most of it scanning the imported modules again and again."""
+    collect_garbage_less_often()
+
 
 def pytest_report_header(config) -> str:
     """The CPU the suite ran on, at the top of its log: its durations differ 2-3x between the kinds of 2-core CPU

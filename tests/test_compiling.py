@@ -47,6 +47,24 @@ for _ in range(12):
 print(sorted(faults[-8:])[4])
 """
 
+# Traces a 3,000-operation function and prints how many times Python's collector ran meanwhile; with argv[1] "ours"
+# after `collect_garbage_less_often`, as the commands set it.
+COLLECTIONS_WHILE_TRACING = """
+import gc, sys
+import jax, jax.numpy as jnp
+from jaxagent import compiling
+if sys.argv[1] == "ours":
+    compiling.collect_garbage_less_often()
+scans = []
+gc.callbacks.append(lambda phase, info: scans.append(info["generation"]) if phase == "start" else None)
+def chain(x):
+    for i in range(1000):
+        x = jnp.tanh(x * 1.5 + i)
+    return x
+jax.make_jaxpr(chain)(jnp.ones(3))
+print(len(scans), gc.get_threshold()[0], gc.get_freeze_count() > 0)
+"""
+
 
 def run_compile(env: dict) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXAGENT_CACHE_DIR")}
@@ -141,6 +159,21 @@ def test_a_cpu_step_reuses_the_memory_of_the_last_one():
     assert done.returncode == 0, done.stderr
     pages = 4096 * 4096 * 4 // resource.getpagesize()
     assert int(done.stdout) < pages // 16, f"{done.stdout.strip()} page faults per call (the buffer: {pages} pages)"
+
+
+def collections_while_tracing(setting: str, env: dict) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", COLLECTIONS_WHILE_TRACING, setting], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_tracing_runs_the_garbage_collector_far_less_often_unless_declined():
+    default_scans, default_threshold, default_frozen = collections_while_tracing("python", {})
+    scans, threshold, frozen = collections_while_tracing("ours", {"JAXAGENT_GC_DEFAULTS": ""})
+    assert (int(threshold), frozen, default_frozen) == (compiling.COLLECTOR_THRESHOLDS[0], "True", "False")
+    assert int(scans) * 20 <= int(default_scans), f"{scans} collector runs against Python's {default_scans}"
+    assert collections_while_tracing("ours", {"JAXAGENT_GC_DEFAULTS": "1"})[1:] == [default_threshold, "False"]
 
 
 def test_scienceworld_keeps_its_split_table_in_the_same_folder(monkeypatch, tmp_path):
