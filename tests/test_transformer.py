@@ -128,3 +128,12 @@ def test_every_parameter_has_logical_axis_names():
     for leaf, spec in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(
             x, jax.sharding.PartitionSpec))):
         assert len(spec) == leaf.ndim and set(spec) <= valid, (spec, leaf.shape)
+
+
+def test_parameters_of_another_shape_are_refused_by_name():
+    """The model checks each stored parameter's shape against the config's (Flax would trace each initializer
+    to do so; the model compares shapes itself)."""
+    params, _ = init_params(TINY, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"parameter layers/mlp/gate/kernel has shape \(64, 96\); this model "
+                                         r"expects \(64, 128\)"):
+        forward(params, TINY.replace(intermediate_size=128), jnp.ones((1, 4), jnp.int32))
