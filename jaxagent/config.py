@@ -131,7 +131,7 @@ class ModelSection:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
-    dtype: str = "float32"  # compute dtype
+    dtype: str = "float32"  # compute dtype; float64 (with JAX_ENABLE_X64=1) for reference runs: no float32 step
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "blockwise"  # blockwise (memory linear in T; cuDNN on a GPU where it applies) | dense
@@ -658,10 +658,10 @@ def validate(config: TrainConfig) -> None:
     if config.model.from_scratch and config.lora.enabled:
         raise ConfigError("lora.enabled=true with a model from scratch: adapters on random weights learn nothing; "
                           "set model.path (or model.path_env) or lora.enabled=false")
-    if not config.lora.enabled and config.model.param_dtype not in ("float32", "f32", "fp32"):
+    if not config.lora.enabled and config.model.param_dtype not in ("float32", "f32", "fp32", "float64", "f64"):
         raise ConfigError(f"model.param_dtype={config.model.param_dtype} with lora.enabled=false trains every "
                           "parameter in that dtype, where most AdamW updates round away; set lora.enabled=true "
-                          "(adapters train in float32 over the frozen base) or model.param_dtype=float32")
+                          "(adapters train in float32 over the frozen base) or model.param_dtype=float32 (or float64)")
     if config.model.from_scratch and config.env.name == "appworld":
         raise ConfigError("env.name=appworld needs a pretrained model: set model.path or model.path_env")
     if config.eval.every < 1 or config.checkpoint.every < 1 or config.checkpoint.keep < 1:

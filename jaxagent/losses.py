@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jaxagent.errors import lookup
 
 
-def _f32(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.float32)
+def _wide(x: jax.Array) -> jax.Array:
+    """At least float32 (bfloat16 log-probs and integer masks), float64 for a float64 model."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _masked(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -51,7 +52,7 @@ def turn_sums(values_NxT: jax.Array, model_mask_NxT: jax.Array, turn_index_NxT: 
     """Per (trajectory, turn): the sum of `values` over the turn's model tokens and the token count; [N, T] each
     (turn k in column k; turns are numbered below T)."""
     n, t = values_NxT.shape
-    mask = _f32(model_mask_NxT)
+    mask = _wide(model_mask_NxT)
     turn = jnp.clip(turn_index_NxT, 0, t - 1)
     segment = (jnp.arange(n)[:, None] * t + turn).reshape(-1)
     sums = jax.ops.segment_sum(_masked(values_NxT, mask).reshape(-1), segment, num_segments=n * t).reshape(n, t)
@@ -67,14 +68,14 @@ def _token_mean(values_NxT: jax.Array, mask_NxT: jax.Array) -> jax.Array:
 def _per_token(advantages: jax.Array, mask_NxT: jax.Array) -> jax.Array:
     """[N, T] advantages from [N] (one per trajectory) or [N, T] (per token)."""
     if advantages.ndim == 2:
-        return _f32(advantages)
-    return jnp.broadcast_to(_f32(advantages)[:, None], mask_NxT.shape)
+        return _wide(advantages)
+    return jnp.broadcast_to(_wide(advantages)[:, None], mask_NxT.shape)
 
 
 def _per_trajectory(advantages: jax.Array, level: str) -> jax.Array:
     if advantages.ndim == 2:
         raise ValueError(f"ratio_level={level!r} needs one advantage per trajectory, got shape {advantages.shape}")
-    return _f32(advantages)
+    return _wide(advantages)
 
 
 def _objective_without_ratio(new, old, mask, advantages, turns, low, high):
@@ -128,15 +129,15 @@ def policy_loss(logp_new_NxT: jax.Array, logp_old_NxT: jax.Array, model_mask_NxT
     """
     objective_fn = lookup(RATIO_OBJECTIVES, ratio_level, "ratio level")
     low, high = clip_bounds(epsilon, clip)
-    mask = _f32(model_mask_NxT)
+    mask = _wide(model_mask_NxT)
     has_tokens = jnp.sum(mask, axis=1) > 0
     valid = has_tokens if valid_N is None else has_tokens & valid_N.astype(bool)
-    new = _f32(logp_new_NxT)
-    loss = -objective_fn(new, _f32(logp_old_NxT), mask, advantages, turn_index_NxT, low, high)
+    new = _wide(logp_new_NxT)
+    loss = -objective_fn(new, _wide(logp_old_NxT), mask, advantages, turn_index_NxT, low, high)
     if kl_coef:
         if ref_logp_NxT is None:
             raise ValueError("kl_coef > 0 needs ref_logp_NxT")
-        log_ref_over_new = _masked(_f32(ref_logp_NxT) - new, mask)
+        log_ref_over_new = _masked(_wide(ref_logp_NxT) - new, mask)
         k3 = jnp.exp(log_ref_over_new) - log_ref_over_new - 1.0
         loss = loss + kl_coef * jnp.sum(_masked(k3, mask), axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
     return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
@@ -145,10 +146,10 @@ def policy_loss(logp_new_NxT: jax.Array, logp_old_NxT: jax.Array, model_mask_NxT
 def value_loss(values_NxT: jax.Array, returns_NxT: jax.Array, model_mask_NxT: jax.Array,
                valid_N: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """0.5·(V - return)² on model tokens with V clipped to [0, 1] (rewards lie in [0, 1]), mean per trajectory."""
-    mask = _f32(model_mask_NxT)
+    mask = _wide(model_mask_NxT)
     tokens = jnp.sum(mask, axis=1)
     valid = tokens > 0 if valid_N is None else (tokens > 0) & valid_N.astype(bool)
-    error = jnp.clip(_f32(values_NxT), 0.0, 1.0) - _f32(returns_NxT)
+    error = jnp.clip(_wide(values_NxT), 0.0, 1.0) - _wide(returns_NxT)
     per_traj = jnp.sum(_masked(0.5 * error**2, mask), axis=1) / jnp.maximum(tokens, 1.0)
     return jnp.sum(jnp.where(valid, per_traj, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
@@ -158,10 +159,10 @@ def sft_loss(logp_NxT: jax.Array, model_mask_NxT: jax.Array, weights_N: jax.Arra
     """Behaviour cloning: negative log-likelihood of model tokens, a mean over all tokens of the batch (`token`) or
     a mean per trajectory then over trajectories (`trajectory`). `weights_N` (0/1) is the keep filter of
     rejection fine-tuning / expert iteration."""
-    mask = _f32(model_mask_NxT)
+    mask = _wide(model_mask_NxT)
     if weights_N is not None:
-        mask = mask * _f32(weights_N)[:, None]
-    nll = _masked(-_f32(logp_NxT), mask)
+        mask = mask * _wide(weights_N)[:, None]
+    nll = _masked(-_wide(logp_NxT), mask)
     if per == "token":
         return jnp.sum(nll), jnp.sum(mask)
     if per == "trajectory":
@@ -179,20 +180,20 @@ def dpo_loss(logp_chosen_PxT: jax.Array, mask_chosen_PxT: jax.Array, ref_chosen_
     """DPO on pairs: -log σ(β[(log π_c - log ref_c) - (log π_r - log ref_r)]), sequence log-probs summed over the
     agent's tokens (ETO; SWEET-RL's turn-level step with one action per side). `nll_coef` adds that multiple of the
     chosen side's mean per-token NLL (SWEET-RL: 0.01)."""
-    mask_c, mask_r = _f32(mask_chosen_PxT), _f32(mask_rejected_PxT)
-    chosen = jnp.sum(_masked(_f32(logp_chosen_PxT) - _f32(ref_chosen_PxT), mask_c), axis=1)
-    rejected = jnp.sum(_masked(_f32(logp_rejected_PxT) - _f32(ref_rejected_PxT), mask_r), axis=1)
+    mask_c, mask_r = _wide(mask_chosen_PxT), _wide(mask_rejected_PxT)
+    chosen = jnp.sum(_masked(_wide(logp_chosen_PxT) - _wide(ref_chosen_PxT), mask_c), axis=1)
+    rejected = jnp.sum(_masked(_wide(logp_rejected_PxT) - _wide(ref_rejected_PxT), mask_r), axis=1)
     loss = -jax.nn.log_sigmoid(beta * (chosen - rejected))
     if nll_coef:
         tokens = jnp.maximum(jnp.sum(mask_c, axis=1), 1.0)
-        loss = loss + nll_coef * (-jnp.sum(_masked(_f32(logp_chosen_PxT), mask_c), axis=1) / tokens)
+        loss = loss + nll_coef * (-jnp.sum(_masked(_wide(logp_chosen_PxT), mask_c), axis=1) / tokens)
     valid = jnp.ones(loss.shape, bool) if valid_P is None else valid_P.astype(bool)
     return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
 def _trajectory_mean_score(log_ratio_NxT, model_mask_NxT, turn_index_NxT):
     """The public code: one mean of the log-ratio over all the trajectory's agent tokens."""
-    mask = _f32(model_mask_NxT)
+    mask = _wide(model_mask_NxT)
     return jnp.sum(_masked(log_ratio_NxT, mask), axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
@@ -215,13 +216,13 @@ def critic_scores(critic_logp_NxT: jax.Array, ref_logp_NxT: jax.Array, model_mas
     """SWEET-RL's trajectory score from the critic's per-token log-ratio to its frozen copy, [N]
     (`turn_sum`: the paper's sum of per-turn means; `trajectory_mean`: the public code's one mean)."""
     score_fn = lookup(CRITIC_SCORES, score, "critic score")
-    return score_fn(_f32(critic_logp_NxT) - _f32(ref_logp_NxT), model_mask_NxT, turn_index_NxT)
+    return score_fn(_wide(critic_logp_NxT) - _wide(ref_logp_NxT), model_mask_NxT, turn_index_NxT)
 
 
 def turn_advantages(critic_logp_NxT: jax.Array, ref_logp_NxT: jax.Array, model_mask_NxT: jax.Array,
                     turn_index_NxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """SWEET-RL's A(o_t, a_t, c) per turn: mean log-ratio over the turn's tokens; returns ([N, T], present mask)."""
-    sums, counts = turn_sums(_f32(critic_logp_NxT) - _f32(ref_logp_NxT), model_mask_NxT, turn_index_NxT)
+    sums, counts = turn_sums(_wide(critic_logp_NxT) - _wide(ref_logp_NxT), model_mask_NxT, turn_index_NxT)
     return sums / jnp.maximum(counts, 1.0), counts > 0
 
 

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxagent.export import export
 from jaxagent.models import forward
-from jaxagent.models.config import ModelConfigError
+from jaxagent.models.config import ModelConfigError, resolve_dtype
 from jaxagent.models.hf import INDEX_FILE, CheckpointError, load_hf_params, save_hf_checkpoint
 
 from conftest import VOCAB, hf_logits
@@ -144,6 +144,12 @@ def test_missing_tensor_is_named(hf_models, tmp_path):
 def test_unknown_dtype_lists_valid_ones(hf_models):
     with pytest.raises(ModelConfigError, match=r"unknown dtype 'float8'; valid: .*bf16"):
         load_hf_params(hf_models["qwen2_tied"], param_dtype="float8")
+
+
+def test_float64_without_jax_64_bit_mode_says_how_to_turn_it_on():
+    """Without 64-bit mode JAX would quietly compute a "float64" model in float32."""
+    with pytest.raises(ModelConfigError, match=r"dtype 'float64' needs JAX's 64-bit mode: set JAX_ENABLE_X64=1"):
+        resolve_dtype("float64")
 
 
 @pytest.mark.parametrize("args, expected", [

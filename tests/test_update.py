@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import chex
@@ -52,7 +53,7 @@ def _fresh_state(trainable, config):
     return init_train_state(jax.tree.map(jnp.copy, trainable), config)
 
 
-def _batch(params, lora_params, seed=0, advantages=None):
+def _batch(params, lora_params, seed=0, advantages=None, model=MODEL):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, MODEL.vocab_size, (N, T))
     segments = np.ones((N, T), np.int32)
@@ -62,7 +63,7 @@ def _batch(params, lora_params, seed=0, advantages=None):
     mask[:, 5:9], mask[:, 12:15] = 1, 1
     turn[:, 12:15] = 1
     mask = mask * segments
-    logp, _ = sequence_logprobs(params, MODEL, jnp.asarray(tokens), jnp.asarray(segments), lora_params, LORA, 1.0, 8)
+    logp, _ = sequence_logprobs(params, model, jnp.asarray(tokens), jnp.asarray(segments), lora_params, LORA, 1.0, 8)
     adv = rng.normal(0, 0.5, N) if advantages is None else advantages
     return SequenceBatch(jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(mask), jnp.asarray(turn), logp, logp,
                          jnp.asarray(adv, jnp.float32), jnp.ones((N,), jnp.float32))
@@ -130,6 +131,25 @@ def test_micro_batches_give_the_full_batch_gradient(weights, loss):
     for micro in (2, 4):
         np.testing.assert_allclose(results[micro][0], results[1][0], rtol=1e-5)
         chex.assert_trees_all_close(results[micro][1], results[1][1], atol=1e-6, rtol=1e-5)
+
+
+def test_a_float64_model_sums_in_float64_so_micro_batching_agrees_to_1e_12():
+    """A float64 model is for reference runs (one device against a mesh): every sum, softmax and norm runs in float64.
+    Micro-batching only reorders the sums, so the gradients agree to 1e-12; a float32 step left in the attention or
+    the log-probs would show as a ~1e-7 difference."""
+    with jax.enable_x64(True):
+        model = dataclasses.replace(MODEL, dtype=jnp.float64, param_dtype=jnp.float64)
+        params = _randomize(init_params(model, jax.random.key(0))[0], 2, scale=0.2)
+        batch = _batch(params, None, seed=5, model=model)
+        batch = batch._replace(old_logprobs_NxT=batch.old_logprobs_NxT + 0.05 * np.random.default_rng(6).normal(
+            size=(N, T)))  # ratios away from 1
+        results = {}
+        for micro in (1, 4):
+            step = make_update_step(model, UpdateConfig(micro_batches=micro), None)
+            results[micro] = step.gradients({"params": params}, {}, batch, 0, jax.random.key(0))
+    assert {leaf.dtype for leaf in jax.tree.leaves(results[1][1])} == {np.dtype(np.float64)}
+    np.testing.assert_allclose(results[4][0], results[1][0], rtol=1e-12)
+    chex.assert_trees_all_close(results[4][1], results[1][1], atol=1e-13, rtol=1e-12)
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(weights):

@@ -36,6 +36,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxagent.models.config import accumulation_dtype
+
 KERNELS = ("blockwise", "dense")
 
 
@@ -117,7 +119,8 @@ def _visible(q_segments_BxT, q_order_BxT, k_segments_BxS, k_order_BxS) -> jax.Ar
 
 
 def _scores(q, keys, scale):
-    return jnp.einsum("bkgtd,bksd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    return jnp.einsum("bkgtd,bksd->bkgts", q, keys.astype(q.dtype),
+                      preferred_element_type=accumulation_dtype(q.dtype)) * scale
 
 
 def dense_attention(q_BxKxGxTxD, sources, q_segments_BxT, q_order_BxT, scale) -> jax.Array:
@@ -127,9 +130,10 @@ def dense_attention(q_BxKxGxTxD, sources, q_segments_BxT, q_order_BxT, scale) ->
     peak = _finite(jnp.max(jnp.stack([jnp.max(s, axis=-1) for s in scores]), axis=0))
     weights = [jnp.exp(s - peak[..., None]) for s in scores]
     total = sum(jnp.sum(w, axis=-1) for w in weights)
-    out = sum(jnp.einsum("bkgts,bksd->bkgtd", w.astype(q_BxKxGxTxD.dtype), src.values.astype(q_BxKxGxTxD.dtype),
-                         preferred_element_type=jnp.float32) for w, src in zip(weights, sources))
-    return (out / _nonzero(total)[..., None]).astype(q_BxKxGxTxD.dtype)
+    dtype = q_BxKxGxTxD.dtype
+    out = sum(jnp.einsum("bkgts,bksd->bkgtd", w.astype(dtype), src.values.astype(dtype),
+                         preferred_element_type=accumulation_dtype(dtype)) for w, src in zip(weights, sources))
+    return (out / _nonzero(total)[..., None]).astype(dtype)
 
 
 def _finite(peak):
@@ -202,12 +206,12 @@ def _flash(q, sources, q_seg, q_ord, scale, bq, blocks):
 def _flash_forward(q, sources, q_seg, q_ord, scale, bq, blocks):
     """Output [B, K, G, T, D] and log-sum-exp [B, K, G, T] (-inf where a query sees nothing)."""
     q_blocks = (_query_blocks(q, bq, 3), _query_blocks(q_seg, bq, 1), _query_blocks(q_ord, bq, 1))
+    acc_dtype = accumulation_dtype(q.dtype)
 
     def one_query_block(block):
         q_i, seg_i, ord_i = block
         lead = q_i.shape[:-1]
-        carry = (jnp.full(lead, -jnp.inf, jnp.float32), jnp.zeros(lead, jnp.float32),
-                 jnp.zeros(q_i.shape, jnp.float32))
+        carry = (jnp.full(lead, -jnp.inf, acc_dtype), jnp.zeros(lead, acc_dtype), jnp.zeros(q_i.shape, acc_dtype))
         for src, bk in zip(sources, blocks):
             def key_block(j, carry, src=src, bk=bk):
                 kb = _key_block(src, j, bk)
@@ -221,7 +225,7 @@ def _flash_forward(q, sources, q_seg, q_ord, scale, bq, blocks):
                     p = jnp.exp(s - safe[..., None])
                     fade = jnp.exp(peak - safe)
                     pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(q_i.dtype), kb.values.astype(q_i.dtype),
-                                    preferred_element_type=jnp.float32)
+                                    preferred_element_type=acc_dtype)
                     return new_peak, total * fade + jnp.sum(p, axis=-1), acc * fade[..., None] + pv
 
                 return jax.lax.cond(jnp.any(visible), update, lambda c: c, carry)
@@ -247,10 +251,11 @@ def _flash_fwd(q, sources, q_seg, q_ord, scale, bq, blocks):
 def _flash_bwd(scale, bq, blocks, residuals, d_out):
     """FlashAttention-2's backward: per key block, walk the query blocks, recomputing probabilities from the lse."""
     q, sources, q_seg, q_ord, out, lse = residuals
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, K, G, T]
+    acc_dtype = accumulation_dtype(q.dtype)
+    delta = jnp.sum(d_out.astype(acc_dtype) * out.astype(acc_dtype), axis=-1)  # [B, K, G, T]
     q_blocks = tuple(_query_blocks(x, bq, axis) for x, axis in
                      ((q, 3), (q_seg, 1), (q_ord, 1), (d_out, 3), (lse, 3), (delta, 3)))
-    d_q = jnp.zeros(q_blocks[0].shape, jnp.float32)
+    d_q = jnp.zeros(q_blocks[0].shape, acc_dtype)
     d_sources = []
     for src, bk in zip(sources, blocks):
         def key_block(d_q, j, src=src, bk=bk):
@@ -266,19 +271,19 @@ def _flash_bwd(scale, bq, blocks, residuals, d_out):
                     p = jnp.where(visible[:, None, None], jnp.exp(s - lse_i[..., None]), 0.0)
                     d_v = d_v + _contract_queries(do_i, p.astype(do_i.dtype))
                     dp = jnp.einsum("bkgtd,bksd->bkgts", do_i, kb.values.astype(do_i.dtype),
-                                    preferred_element_type=jnp.float32)
+                                    preferred_element_type=acc_dtype)
                     ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
                     d_qi = jnp.einsum("bkgts,bksd->bkgtd", ds, kb.keys.astype(q_i.dtype),
-                                      preferred_element_type=jnp.float32)
+                                      preferred_element_type=acc_dtype)
                     d_k = d_k + _contract_queries(q_i, ds)
                     return (d_k, d_v), d_qi
 
                 def skip(d_kv):
-                    return d_kv, jnp.zeros(q_i.shape, jnp.float32)
+                    return d_kv, jnp.zeros(q_i.shape, acc_dtype)
 
                 return jax.lax.cond(jnp.any(visible), grads, skip, d_kv)
 
-            zeros = jnp.zeros(kb.keys.shape, jnp.float32)
+            zeros = jnp.zeros(kb.keys.shape, acc_dtype)
             (d_k, d_v), d_q_parts = jax.lax.scan(query_block, (zeros, zeros), q_blocks)
             return d_q + d_q_parts, (d_k, d_v)
 
@@ -295,7 +300,7 @@ def _contract_queries(x_BxKxGxTxD, w_BxKxGxTxS):
     that layout; `x` (D wide) is a far smaller copy than the [T, S] probabilities. On a CPU this took `tiny`'s SFT
     step from 0.35-0.36 s to 0.33-0.34 s (fastest of 30) and its LOOP updates about 10 % faster."""
     return jnp.einsum("bkgtd,bkgts->bkds", x_BxKxGxTxD, w_BxKxGxTxS,
-                      preferred_element_type=jnp.float32).swapaxes(2, 3)
+                      preferred_element_type=accumulation_dtype(x_BxKxGxTxD.dtype)).swapaxes(2, 3)
 
 
 def _merge_key_blocks(x_NxBxKxBKxD):

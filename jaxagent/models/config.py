@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,6 +37,8 @@ DTYPES = {
     "float16": jnp.float16,
     "f16": jnp.float16,
     "fp16": jnp.float16,
+    "float64": jnp.float64,
+    "f64": jnp.float64,
 }
 
 
@@ -48,9 +51,18 @@ def resolve_dtype(name: str | Any) -> Any:
     if not isinstance(name, str):
         return jnp.dtype(name).type
     try:
-        return DTYPES[name.lower()]
+        dtype = DTYPES[name.lower()]
     except KeyError:
         raise ModelConfigError(f"unknown dtype {name!r}; valid: {', '.join(sorted(DTYPES))}") from None
+    if dtype is jnp.float64 and not jax.config.jax_enable_x64:  # JAX would silently compute in float32
+        raise ModelConfigError(f"dtype {name!r} needs JAX's 64-bit mode: set JAX_ENABLE_X64=1 before the command")
+    return dtype
+
+
+def accumulation_dtype(dtype: Any) -> Any:
+    """The dtype sums, softmaxes and norms run in for a compute dtype: float32 for float32 and below (bfloat16 and
+    float16 products accumulate in float32), float64 for a float64 model (a reference run with no float32 step)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def dtype_name(dtype: Any) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxagent.models.config import ModelConfig
+from jaxagent.models.config import ModelConfig, accumulation_dtype
 
 
 def output_kernel(params: dict, config: ModelConfig) -> jax.Array:
@@ -38,13 +38,13 @@ def token_logprobs(hidden_BxTxD: jax.Array, kernel_DxV: jax.Array, tokens_BxT: j
     @jax.checkpoint
     def score(h_BxCxD: jax.Array, t_BxC: jax.Array) -> jax.Array:
         logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(dtype), kernel_DxV.astype(dtype),
-                            preferred_element_type=jnp.float32) / temperature
+                            preferred_element_type=accumulation_dtype(dtype)) / temperature
         picked = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
     scored = jax.lax.map(lambda args: score(*args), (hidden.swapaxes(0, 1), targets.swapaxes(0, 1)))
     next_token_logp = scored.swapaxes(0, 1).reshape(batch, padded)[:, :steps]
-    return jnp.concatenate([jnp.zeros((batch, 1), jnp.float32), next_token_logp[:, :-1]], axis=1)
+    return jnp.concatenate([jnp.zeros((batch, 1), next_token_logp.dtype), next_token_logp[:, :-1]], axis=1)
 
 
 def init_value_head(config: ModelConfig) -> dict:

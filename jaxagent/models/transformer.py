@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxagent.models.attention import KeySource, attention
-from jaxagent.models.config import ModelConfig, rope_inverse_frequencies
+from jaxagent.models.config import ModelConfig, accumulation_dtype, rope_inverse_frequencies
 from jaxagent.models.lora import LoraConfig
 
 _INIT_STD = 0.02  # HF's initializer_range for these families
@@ -95,7 +95,8 @@ def _param(module: nn.Module, name: str, init: Any, shape: tuple[int, ...], axes
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation computed in float32, scaled by a learned weight in the input's dtype (as HF does)."""
+    """RMS normalisation computed in float32 (float64 for a float64 model), scaled by a learned weight in the input's
+    dtype (as HF does)."""
 
     eps: float
     axis_name: str
@@ -104,8 +105,8 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        wide = x.astype(accumulation_dtype(x.dtype))
+        normed = wide * jax.lax.rsqrt(jnp.mean(wide * wide, axis=-1, keepdims=True) + self.eps)
         return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -319,9 +320,11 @@ class Decoder(nn.Module):
         # Logits only where asked (e.g. each row's last prompt token): the vocab projection dominates short steps.
         x_head = x if logits_at_BxK is None else jnp.take_along_axis(x, logits_at_BxK[..., None], axis=1)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_head, embedding.astype(c.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x_head, embedding.astype(c.dtype),
+                                preferred_element_type=accumulation_dtype(c.dtype))
         else:
-            logits = jnp.einsum("btd,dv->btv", x_head, head.astype(c.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,dv->btv", x_head, head.astype(c.dtype),
+                                preferred_element_type=accumulation_dtype(c.dtype))
         new_cache = self._updated_cache(cache, new_kv, write_start, new_segments, new_end)
         return DecoderOutput(logits.astype(jnp.float32), x, new_cache)
 
