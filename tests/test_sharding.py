@@ -107,19 +107,24 @@ def test_sharded_lora_gradients_and_steps_equal_one_device(hf_models):
 def _policy_leaves(folder):
     from jaxagent.checkpoint import load_policy
 
-    return [np.asarray(x) for x in jax.tree.leaves(load_policy(folder).params)]
+    with jax.enable_x64(True):  # the runs below train in float64
+        return [np.asarray(x) for x in jax.tree.leaves(load_policy(folder).params)]
 
 
 @pytest.mark.slow
 def test_training_run_on_a_mesh_matches_one_device_and_splits_its_state(tmp_path):
     """`python -m jaxagent.train` (SFT then PPO, which trains every rollout, a value head and micro-batches) on
     8 simulated devices with data=2, fsdp=2, tensor=2 against the same run on one device: same losses, evaluations
-    and parameters; and the saved train state is really split over the mesh, not replicated."""
+    and parameters; and the saved train state is really split over the mesh, not replicated.
+
+    Both run in float64, so that the only difference a mesh may make, the order of its sums, stays near 1e-15 and
+    anything else (a missing or doubled term, a stray low-precision cast) stands out; in float32 that order alone
+    moves the losses by ~1e-6. tests/test_distributed.py runs float32 on a mesh."""
     import orbax.checkpoint as ocp
 
-    extra = ["stages=[sft,ppo]", "loop.micro_batches=2"]
+    extra = ["stages=[sft,ppo]", "loop.micro_batches=2", "model.dtype=float64", "model.param_dtype=float64"]
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     runs = {"one": subprocess.Popen(micro_train_command(tmp_path / "one", *extra), env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
@@ -134,14 +139,15 @@ def test_training_run_on_a_mesh_matches_one_device_and_splits_its_state(tmp_path
                for name in runs}
     assert [r["kind"] for r in records["one"]] == [r["kind"] for r in records["mesh"]]
     losses = [(a["loss"], b["loss"]) for a, b in zip(records["one"], records["mesh"]) if "loss" in a]
-    assert len(losses) >= 6 and all(abs(a - b) < 1e-4 * max(1.0, abs(a)) for a, b in losses), losses
+    assert len(losses) >= 6 and all(abs(a - b) < 1e-12 * max(1.0, abs(a)) for a, b in losses), losses
     ppo_updates = [r["updates"] for r in records["mesh"] if r["stage"] == "ppo" and r["kind"] == "train"]
     assert sum(ppo_updates) > 0, ppo_updates  # the sharded RL update ran, not only SFT
     summaries = {name: json.loads((tmp_path / name / "summary.json").read_text())["stages"] for name in runs}
     assert summaries["one"] == summaries["mesh"]
     for stage in ("sft", "ppo"):
         one, sharded = (_policy_leaves(tmp_path / name / "stages" / stage / "policy") for name in runs)
-        assert max(float(np.abs(a - b).max()) for a, b in zip(one, sharded)) < 1e-4, stage
+        assert one[0].dtype == np.float64 and max(float(np.abs(a - b).max()) for a, b in zip(one, sharded)) < 1e-12, \
+            stage
 
     # The PPO stage's last train-state checkpoint, as orbax wrote it: shards, not whole arrays.
     folder = tmp_path / "mesh" / "checkpoints" / "ppo"

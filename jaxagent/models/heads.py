@@ -49,9 +49,11 @@ def token_logprobs(hidden_BxTxD: jax.Array, kernel_DxV: jax.Array, tokens_BxT: j
 
 def init_value_head(config: ModelConfig) -> dict:
     """A linear value head V(h) = h·w + b; starts at the constant 0.5 (the middle of the reward range [0, 1])."""
-    return {"kernel": jnp.zeros((config.hidden_size,), jnp.float32), "bias": jnp.asarray(0.5, jnp.float32)}
+    dtype = accumulation_dtype(config.param_dtype)  # float32 under a bfloat16 base, as its adapters
+    return {"kernel": jnp.zeros((config.hidden_size,), dtype), "bias": jnp.asarray(0.5, dtype)}
 
 
 def value_estimates(hidden_BxTxD: jax.Array, head: dict) -> jax.Array:
     """[B, T] value of the state after each token."""
-    return jnp.einsum("btd,d->bt", hidden_BxTxD.astype(jnp.float32), head["kernel"]) + head["bias"]
+    hidden = hidden_BxTxD.astype(accumulation_dtype(hidden_BxTxD.dtype))
+    return jnp.einsum("btd,d->bt", hidden, head["kernel"]) + head["bias"]
