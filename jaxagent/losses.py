@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxagent.errors import lookup
+from jaxagent.models.config import accumulation_dtype
 
 
 def _wide(x: jax.Array) -> jax.Array:
     """At least float32 (bfloat16 log-probs and integer masks), float64 for a float64 model."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x.astype(accumulation_dtype(x.dtype))
 
 
 def _masked(values: jax.Array, mask: jax.Array) -> jax.Array:
