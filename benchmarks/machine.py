@@ -11,15 +11,27 @@ import time
 from pathlib import Path
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo), or what the platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo (or `cpuinfo`, its text), with its family, model and widest vector
+    unit: a virtual machine may name two CPUs alike ("AMD EPYC") whose XLA throughput is 2-3x apart, and these tell
+    them apart. What the platform says where there is no /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if not line.strip():  # the first processor's block is enough
+            break
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = fields.get("flags", "").split()
+    vector = next((unit for flag, unit in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+    details += [vector] if vector else []
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
