@@ -22,9 +22,9 @@ def cpu_model(cpuinfo: str | None = None) -> str:
             return platform.processor() or platform.machine()
     fields = {}
     for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
         if not line.strip():  # the first processor's block is enough
             break
+        key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     name = fields.get("model name") or platform.processor() or platform.machine()
     flags = fields.get("flags", "").split()
