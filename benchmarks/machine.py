@@ -57,6 +57,22 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
     return {"xla": round(flops / statistics.median(xla), 1), "torch": round(flops / statistics.median(torch_times), 1)}
 
 
+def numpy_matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """GFLOP/s of a float32 size² matmul in NumPy's BLAS, the best of `repeats`: a quarter-second measure of how fast
+    this machine is now. Two virtual machines of the same CPU model can differ 2-3x (another tenant's load, the host's
+    clocks), which a log's timings are read against."""
+    import numpy as np
+
+    a = np.ones((size, size), np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return round(2 * size**3 / 1e9 / best, 1)
+
+
 def machine(with_ceilings: bool = True) -> dict:
     """The machine fields of a benchmark's JSON line."""
     import jax

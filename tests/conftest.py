@@ -47,11 +47,12 @@ def pytest_collection_finish(session) -> None:
 
 
 def pytest_report_header(config) -> str:
-    """The CPU the suite ran on, at the top of its log: its durations differ 2-3x between the kinds of 2-core CPU
-    that CI machines have, so a log's timings mean something only beside its CPU."""
-    from benchmarks.machine import cpu_model
+    """The CPU the suite ran on and how fast it multiplies now, at the top of its log: the suite's durations differ
+    2-3x between 2-core CI machines, also between two that report the same CPU model, so a log's timings mean
+    something only beside these."""
+    from benchmarks.machine import cpu_model, numpy_matmul_gflops
 
-    return f"cpu: {cpu_model()}, {os.cpu_count()} cores"
+    return f"cpu: {cpu_model()}, {os.cpu_count()} cores, float32 matmul {numpy_matmul_gflops()} GFLOP/s (NumPy)"
 
 
 VOCAB = 512

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from benchmarks import report
-from benchmarks.machine import cpu_model
+from benchmarks.machine import cpu_model, numpy_matmul_gflops
 
 
 def _run(*args: str) -> dict:
@@ -77,3 +77,10 @@ def test_two_cpus_a_virtual_machine_names_alike_are_told_apart():
     zen3, zen4 = cpu_model(_cpuinfo(1, "avx avx2 fma")), cpu_model(_cpuinfo(17, "avx avx2 avx512f avx512_bf16"))
     assert zen3 == "AMD EPYC (family 25 model 1, AVX2)" and zen4 == "AMD EPYC (family 25 model 17, AVX-512)"
     assert cpu_model("model name\t: Some CPU\n") == "Some CPU"
+
+
+def test_the_matmul_speed_the_suite_logs_is_a_rate_of_the_work_done(monkeypatch):
+    """2 * 64³ flops in a measured 1 ms: 0.5 GFLOP/s (the suite's header reads a machine's speed off this)."""
+    clock = iter(i * 1e-3 for i in range(100))
+    monkeypatch.setattr("benchmarks.machine.time.perf_counter", lambda: next(clock))
+    assert numpy_matmul_gflops(size=64, repeats=3) == round(2 * 64**3 / 1e9 / 1e-3, 1)
